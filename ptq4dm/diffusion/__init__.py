@@ -1,0 +1,3 @@
+from ptq4dm.diffusion.sampler import SAMPLERS, Sampler, seeded_generators
+
+__all__ = ["SAMPLERS", "Sampler", "seeded_generators"]

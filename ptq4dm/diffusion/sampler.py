@@ -1,0 +1,103 @@
+"""Samplers: a diffusers scheduler built from the model's training schedule, driven by one loop.
+
+Every random draw of an image (its starting noise and any per-step noise) comes from a generator seeded by
+(seed, image index), so an image is the same whatever the batch size, batch order or device count.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+SAMPLERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpm_solver": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
+}
+
+
+def seeded_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, image index) through NumPy's SeedSequence."""
+    gens = []
+    for i in indices:
+        state = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, dtype=np.uint32)
+        gens.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+    return gens
+
+
+class Sampler:
+    """A reverse-diffusion sampler over ``steps`` network calls.
+
+    ``name`` picks the diffusers scheduler (``ddim``, ``ddpm``, ``dpm_solver``, ``pndm``); ``eta`` is DDIM's
+    stochasticity. The schedule (betas, T) comes from the model's own training scheduler config.
+    """
+
+    def __init__(self, train_scheduler: SchedulerMixin, name: str = "ddim", steps: int = 100, eta: float = 0.0,
+                 **scheduler_kwargs):
+        if name not in SAMPLERS:
+            raise ValueError(f"sampler.name={name!r} is not one of {sorted(SAMPLERS)}")
+        T = train_scheduler.config.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampler.steps={steps} must be in [1, {T}] (the model's training steps)")
+        self.name, self.steps, self.eta = name, int(steps), float(eta)
+        self.scheduler = SAMPLERS[name].from_config(train_scheduler.config, **scheduler_kwargs)
+        self.scheduler.set_timesteps(self.steps)
+        step_params = inspect.signature(self.scheduler.step).parameters
+        self._step_kwargs = {"eta": self.eta} if "eta" in step_params else {}
+        self._takes_generator = "generator" in step_params
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The time steps fed to the network, in call order (PNDM repeats some)."""
+        return self.scheduler.timesteps
+
+    def initial_noise(self, generators: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float32):
+        return randn_tensor((len(generators), *shape), generator=generators, device=torch.device(device), dtype=dtype)
+
+    @torch.no_grad()
+    def sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+               generators: list[torch.Generator] | None = None,
+               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Run the reverse process from ``noise``; returns x_0 in [-1, 1].
+
+        ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input.
+        A fresh copy of the scheduler state is used, so samplers are reusable and thread-safe per call.
+        """
+        scheduler = self._fresh_scheduler()
+        x = noise * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(x, t)
+            if on_step is not None:
+                on_step(i, t, model_input)
+            eps = model(model_input, t.to(x.device))
+            kwargs = dict(self._step_kwargs)
+            if self._takes_generator and generators is not None:
+                kwargs["generator"] = generators
+            x = scheduler.step(eps, t, x, **kwargs).prev_sample
+        return x.clamp(-1, 1)
+
+    def _fresh_scheduler(self) -> SchedulerMixin:
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(self.steps)
+        return scheduler
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats to uint8 images the way diffusers pipelines round them."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,88 @@
+"""Sample a diffusion model and score the images: ``python -m ptq4dm.evaluate model=small_cifar10``.
+
+Writes ``results.json``, the resolved ``config.yaml`` and a sample grid to the run folder and prints a table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptq4dm.diffusion import Sampler
+from ptq4dm.evaluation import generate_images
+from ptq4dm.metrics import ImageStatistics, compute_metrics, extract_features, make_extractor
+from ptq4dm.metrics.fidelity import inception_score
+from ptq4dm.metrics.reference import reference_statistics
+from ptq4dm.models import load_diffusion_model
+from ptq4dm.utils.config import save_resolved_config
+from ptq4dm.utils.images import save_grid
+from ptq4dm.utils.io import atomic_write_json
+from ptq4dm.utils.table import markdown_table
+
+log = logging.getLogger(__name__)
+
+
+def metrics_device(trainer_cfg: DictConfig) -> torch.device:
+    wants_gpu = trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def score_images(images: torch.Tensor, cfg: DictConfig, device: torch.device) -> dict:
+    """FID/sFID/KID/precision-recall against the reference data, and Inception Score where weights exist."""
+    extractor = make_extractor(device, cfg.metrics.inception_path)
+    generated = ImageStatistics.from_features(
+        "samples", extractor.get_name(), extract_features(images, extractor, cfg.metrics.batch_size))
+    reference = reference_statistics(cfg.data.root, cfg.metrics.reference.split, cfg.data.format, extractor,
+                                     cfg.metrics.reference.cache_dir, cfg.metrics.reference.max_features,
+                                     cfg.metrics.batch_size, seed=cfg.seed)
+    scores = compute_metrics(generated, reference, cfg.metrics.kid_subset_size, cfg.metrics.kid_subsets)
+    scores.update(inception_score(images, cfg.metrics.isc_weights_path, device, cfg.metrics.batch_size)
+                  or {"isc": None, "isc_std": None})
+    scores["reference"] = f"{reference.name} ({reference.num_images} images)"
+    return scores
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    torch.set_float32_matmul_precision("high")
+    out = Path(cfg.output_dir)
+    save_resolved_config(cfg, out)
+    model = load_diffusion_model(cfg.model.pretrained)
+    sampler = Sampler(model.scheduler, **cfg.sampler)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer)
+    t0 = time.perf_counter()
+    images = generate_images(model.unet, sampler, cfg.eval.num_samples, cfg.seed, cfg.eval.batch_size,
+                             out / "samples", cfg.eval.precision, trainer_kwargs)
+    if images is None:  # a non-zero DDP rank: rank 0 scores and writes
+        return {}
+    sampling_seconds = time.perf_counter() - t0
+    save_grid(images[: cfg.eval.grid_size], out / "samples.png")
+    scores = score_images(images, cfg, metrics_device(cfg.trainer))
+    results = {
+        "model": cfg.model.name,
+        "sampler": f"{cfg.sampler.name}-{cfg.sampler.steps}",
+        "num_samples": cfg.eval.num_samples,
+        "seed": cfg.seed,
+        "precision": cfg.eval.precision,
+        **scores,
+        "sampling_seconds": round(sampling_seconds, 2),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    atomic_write_json(out / "results.json", results)
+    print(markdown_table([results], ["model", "sampler", "num_samples", "fid", "sfid", "kid", "precision",
+                                     "recall", "isc", "sampling_seconds"]))
+    log.info("results in %s", out)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Sampling many images through Lightning: one prediction batch per seed range, on any number of devices.
+
+Each batch covers image indices [start, start + batch_size); its noise comes from per-image generators seeded
+by (seed, index), so the images do not depend on how batches are spread over devices. Finished batches are
+written as shards (atomically), which both gathers results from DDP ranks and lets an interrupted run resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from ptq4dm.diffusion import Sampler, seeded_generators
+from ptq4dm.diffusion.sampler import to_uint8
+from ptq4dm.utils.io import atomic_path
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SeedBatches(Dataset):
+    """Index ranges of images still to sample; each item is one prediction batch."""
+
+    def __init__(self, num_samples: int, batch_size: int, skip: set[int] = frozenset()):
+        starts = range(0, num_samples, batch_size)
+        self.batches = [torch.arange(s, min(s + batch_size, num_samples)) for s in starts if s not in skip]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.batches[i]
+
+
+class SamplingModule(pl.LightningModule):
+    """Samples uint8 images for batches of image indices with ``sampler`` and the epsilon network ``unet``."""
+
+    def __init__(self, unet: torch.nn.Module, sampler: Sampler, seed: int = 0, precision: str = "fp32",
+                 image_shape: tuple[int, int, int] | None = None):
+        super().__init__()
+        if precision not in _DTYPES:
+            raise ValueError(f"eval.precision={precision!r} is not one of {sorted(_DTYPES)}")
+        self.unet, self.sampler, self.seed, self.precision = unet, sampler, seed, precision
+        config = getattr(unet, "config", None)
+        self.image_shape = image_shape or (config.in_channels, config.sample_size, config.sample_size)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dtype = _DTYPES[self.precision] if x.device.type == "cuda" else None
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = self.unet(x, t.expand(x.shape[0]))
+        return (out.sample if hasattr(out, "sample") else out).float()
+
+    def predict_step(self, indices: torch.Tensor, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        indices = indices.cpu()
+        generators = seeded_generators(self.seed, indices.tolist())
+        noise = self.sampler.initial_noise(generators, self.image_shape, self.device)
+        x = self.sampler.sample(self.denoise, noise, generators)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite values in sampled images {indices[0]}..{indices[-1]}")
+        return {"indices": indices, "images": to_uint8(x).cpu()}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each finished batch to ``folder/shard-<first index>.pt``."""
+
+    def __init__(self, folder: str | Path):
+        super().__init__(write_interval="batch")
+        self.folder = Path(folder)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        first = int(prediction["indices"][0])
+        with atomic_path(self.folder / f"shard-{first:08d}.pt") as tmp:
+            torch.save(prediction, tmp)
+
+
+def _done_shards(folder: Path) -> dict[int, Path]:
+    return {int(p.stem.split("-")[1]): p for p in folder.glob("shard-*.pt")} if folder.is_dir() else {}
+
+
+def generate_images(unet: torch.nn.Module, sampler: Sampler, num_samples: int, seed: int = 0,
+                    batch_size: int = 256, shard_dir: str | Path = "samples", precision: str = "fp32",
+                    trainer_kwargs: dict | None = None) -> torch.Tensor | None:
+    """Sample ``num_samples`` images; returns them as uint8 (N, 3, H, W) on global rank 0, None elsewhere.
+
+    Batches already in ``shard_dir`` (from an interrupted run with the same settings) are not sampled again.
+    """
+    shard_dir = Path(shard_dir)
+    done = _done_shards(shard_dir)
+    todo = SeedBatches(num_samples, batch_size, skip=set(done))
+    if len(todo):
+        module = SamplingModule(unet, sampler, seed=seed, precision=precision)
+        kwargs = {"logger": False, "enable_model_summary": False, **(trainer_kwargs or {})}
+        trainer = pl.Trainer(callbacks=[ShardWriter(shard_dir)], **kwargs)
+        trainer.predict(module, DataLoader(todo, batch_size=None), return_predictions=False)
+        if trainer.global_rank != 0:
+            return None
+    shards = [torch.load(p, weights_only=True) for _, p in sorted(_done_shards(shard_dir).items())]
+    indices = torch.cat([s["indices"] for s in shards])
+    images = torch.cat([s["images"] for s in shards])
+    order = torch.argsort(indices)
+    indices, images = indices[order], images[order]
+    if not torch.equal(indices, torch.arange(num_samples)):
+        raise RuntimeError(f"samples in {shard_dir} do not cover 0..{num_samples - 1}: found {len(indices)} indices; "
+                           "delete the folder if the settings changed")
+    return images

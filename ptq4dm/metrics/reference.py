@@ -1,0 +1,68 @@
+"""Reference statistics of a data set, computed once and cached on disk, keyed by data set and extractor.
+
+Lookup order: the user cache (statistics plus a feature subset for KID and precision/recall), then the
+statistics shipped in the package (so FID against CIFAR-10 works with no data set at hand), then computing
+them from the data at ``data.root``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptq4dm.data import DataNotFoundError, load_cifar10
+from ptq4dm.data.cifar10 import find_layout
+from ptq4dm.metrics.fidelity import ImageStatistics, extract_features
+from ptq4dm.metrics.inception import EXTRACTOR_NAME
+from ptq4dm.utils.io import atomic_save_npy, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SHIPPED_STATS_DIR = Path(__file__).resolve().parent.parent / "assets" / "fid_stats"
+
+
+def stats_filename(dataset: str, extractor: str = EXTRACTOR_NAME) -> str:
+    return f"{dataset}__{extractor}.npz"
+
+
+def load_statistics(path: str | Path) -> ImageStatistics:
+    with np.load(path) as z:
+        return ImageStatistics.from_arrays(z)
+
+
+def save_statistics(stats: ImageStatistics, path: str | Path, with_features: bool = True) -> Path:
+    atomic_save_npy(path, **stats.to_arrays(with_features=with_features))
+    return Path(path)
+
+
+def reference_statistics(root: str, split: str = "train", format: str = "auto", extractor=None,
+                         cache_dir: str | None = None, max_features: int = 10000, batch_size: int = 200,
+                         seed: int = 0, progress: bool = True, **_ignored) -> ImageStatistics:
+    """Statistics of a CIFAR-10 split for FID/sFID, with up to ``max_features`` features for KID and PRC."""
+    cache = Path(cache_dir or default_cache_dir() / "fid_stats")
+    try:
+        layout = find_layout(Path(root).expanduser(), split, format)
+        dataset = f"cifar10-{split}-{layout.format}"
+    except DataNotFoundError as missing:
+        shipped = sorted(SHIPPED_STATS_DIR.glob(stats_filename(f"cifar10-{split}-*")))
+        cached = sorted(cache.glob(stats_filename(f"cifar10-{split}-*")))
+        for path in cached + shipped:
+            log.warning("data set not found (%s); using reference statistics %s", missing, path.name)
+            return load_statistics(path)
+        raise
+    for path in (cache / stats_filename(dataset), SHIPPED_STATS_DIR / stats_filename(dataset)):
+        if path.exists():
+            return load_statistics(path)
+    if extractor is None:
+        raise ValueError("reference statistics must be computed, but no feature extractor was given")
+    images = load_cifar10(root, split, format).images
+    log.info("computing reference statistics of %s (%d images); cached for later runs", dataset, len(images))
+    features = extract_features(images, extractor, batch_size=batch_size, progress=progress, desc=dataset)
+    stats = ImageStatistics.from_features(dataset, EXTRACTOR_NAME, features)
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_features]
+    stats.features = {layer: f[keep] for layer, f in features.items() if layer == "2048"}
+    save_statistics(stats, cache / stats_filename(dataset))
+    return stats

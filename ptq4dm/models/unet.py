@@ -1,0 +1,114 @@
+"""Epsilon-prediction UNets in the google/ddpm-cifar10-32 topology, and the embedded pretrained ones.
+
+A model on disk is a diffusers pipeline folder: ``unet/`` (config.json + safetensors) and ``scheduler/``
+(the training noise schedule), the same layout as ``google/ddpm-cifar10-32`` on the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+EMBEDDED_MODELS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+# google/ddpm-cifar10-32's UNet config, minus the width, which each model chooses.
+DDPM_CIFAR10_LAYOUT = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    attention_head_dim=None,
+    center_input_sample=False,
+    time_embedding_type="positional",
+)
+
+
+@dataclass
+class DiffusionModel:
+    """An epsilon-prediction network and the noise schedule it was trained with."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    name: str = "model"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+
+def build_unet(block_out_channels: tuple[int, ...], norm_num_groups: int, dropout: float = 0.0,
+               **overrides) -> UNet2DModel:
+    """A randomly initialised UNet2DModel in the ddpm-cifar10 topology at the given width."""
+    config = {**DDPM_CIFAR10_LAYOUT, **overrides}
+    return UNet2DModel(block_out_channels=tuple(block_out_channels), norm_num_groups=norm_num_groups,
+                       dropout=dropout, **config)
+
+
+def build_noise_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                          beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                         beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=True,
+                         variance_type="fixed_small")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An embedded model name (``tiny_cifar10``) or a pipeline folder path."""
+    candidate = EMBEDDED_MODELS_DIR / str(path)
+    folder = candidate if (candidate / "unet").is_dir() else Path(path).expanduser()
+    if not (folder / "unet" / "config.json").is_file():
+        embedded = sorted(p.name for p in EMBEDDED_MODELS_DIR.iterdir() if (p / "unet").is_dir()) \
+            if EMBEDDED_MODELS_DIR.is_dir() else []
+        raise FileNotFoundError(
+            f"no diffusion model at {str(path)!r}: expected a pipeline folder with unet/config.json and "
+            f"unet/diffusion_pytorch_model.safetensors (embedded models: {embedded})"
+        )
+    return folder
+
+
+def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """Load a UNet and its noise schedule from a local pipeline folder, never from the network."""
+    folder = resolve_model_dir(path)
+    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True, use_safetensors=True,
+                                       torch_dtype=dtype)
+    unet.eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    return DiffusionModel(unet=unet, scheduler=scheduler, name=folder.name)
+
+
+def save_diffusion_model(model: DiffusionModel, folder: str | Path, dtype: torch.dtype | None = torch.float16,
+                         max_shard_size: str = "100MB", extra: dict | None = None) -> Path:
+    """Write the diffusers pipeline layout (``model_index.json``, ``unet/``, ``scheduler/``)."""
+    folder = Path(folder)
+    unet = model.unet if dtype is None else _copy_to_dtype(model.unet, dtype)
+    unet.save_pretrained(folder / "unet", safe_serialization=True, max_shard_size=max_shard_size)
+    model.scheduler.save_pretrained(folder / "scheduler")
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if extra is not None:
+        (folder / "training.json").write_text(json.dumps(extra, indent=2) + "\n")
+    return folder
+
+
+def _copy_to_dtype(unet: UNet2DModel, dtype: torch.dtype) -> UNet2DModel:
+    copy = UNet2DModel.from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    return copy.to(dtype)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
