@@ -32,14 +32,19 @@ def metrics_device(trainer_cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def score_images(images: torch.Tensor, cfg: DictConfig, device: torch.device) -> dict:
+def load_reference(cfg: DictConfig, extractor) -> ImageStatistics:
+    """The data set's statistics: cached, shipped, or computed now (before any sampling, so a missing data set
+    stops the job before the expensive part)."""
+    return reference_statistics(cfg.data.root, cfg.metrics.reference.split, cfg.data.format, extractor,
+                                cfg.metrics.reference.cache_dir, cfg.metrics.reference.max_features,
+                                cfg.metrics.batch_size, seed=cfg.seed)
+
+
+def score_images(images: torch.Tensor, cfg: DictConfig, extractor, reference: ImageStatistics) -> dict:
     """FID/sFID/KID/precision-recall against the reference data, and Inception Score where weights exist."""
-    extractor = make_extractor(device, cfg.metrics.inception_path)
+    device = next(extractor.parameters()).device
     generated = ImageStatistics.from_features(
         "samples", extractor.get_name(), extract_features(images, extractor, cfg.metrics.batch_size))
-    reference = reference_statistics(cfg.data.root, cfg.metrics.reference.split, cfg.data.format, extractor,
-                                     cfg.metrics.reference.cache_dir, cfg.metrics.reference.max_features,
-                                     cfg.metrics.batch_size, seed=cfg.seed)
     scores = compute_metrics(generated, reference, cfg.metrics.kid_subset_size, cfg.metrics.kid_subsets)
     scores.update(inception_score(images, cfg.metrics.isc_weights_path, device, cfg.metrics.batch_size)
                   or {"isc": None, "isc_std": None})
@@ -53,6 +58,8 @@ def evaluate(cfg: DictConfig) -> dict:
     save_resolved_config(cfg, out)
     model = load_diffusion_model(cfg.model.pretrained)
     sampler = Sampler(model.scheduler, **cfg.sampler)
+    extractor = make_extractor(metrics_device(cfg.trainer), cfg.metrics.inception_path)
+    reference = load_reference(cfg, extractor)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer)
     t0 = time.perf_counter()
     images = generate_images(model.unet, sampler, cfg.eval.num_samples, cfg.seed, cfg.eval.batch_size,
@@ -61,13 +68,13 @@ def evaluate(cfg: DictConfig) -> dict:
         return {}
     sampling_seconds = time.perf_counter() - t0
     save_grid(images[: cfg.eval.grid_size], out / "samples.png")
-    scores = score_images(images, cfg, metrics_device(cfg.trainer))
+    scores = score_images(images, cfg, extractor, reference)
     results = {
         "model": cfg.model.name,
         "sampler": f"{cfg.sampler.name}-{cfg.sampler.steps}",
         "num_samples": cfg.eval.num_samples,
         "seed": cfg.seed,
-        "precision": cfg.eval.precision,
+        "autocast": cfg.eval.precision,
         **scores,
         "sampling_seconds": round(sampling_seconds, 2),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -15,7 +15,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptq4dm.models import DiffusionModel, build_noise_scheduler, build_unet, save_diffusion_model
+from ptq4dm.models import (
+    DiffusionModel,
+    build_noise_scheduler,
+    build_unet,
+    load_diffusion_model,
+    save_diffusion_model,
+)
 from ptq4dm.training import DeviceResidentImages, DiffusionTraining
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.loggers import finish_logger, make_logger
@@ -33,11 +39,18 @@ def train(cfg: DictConfig) -> dict:
     data = DeviceResidentImages(**cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed)
     unet = build_unet(**cfg.model.unet)
     scheduler = build_noise_scheduler(**cfg.model.scheduler)
+    prior = {}
+    if cfg.train.init_from:  # warm start from exported weights; counters continue from their training.json
+        unet.load_state_dict(load_diffusion_model(cfg.train.init_from).unet.float().state_dict())
+        summary_file = Path(cfg.train.init_from) / "training.json"
+        prior = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     compile_ = torch.cuda.is_available() if cfg.train.compile is None else bool(cfg.train.compile)
     module = DiffusionTraining(unet, scheduler, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                warmup_steps=cfg.train.warmup_steps, ema_decay=cfg.train.ema_decay,
                                hflip=cfg.train.hflip, compile=compile_,
                                print_every=cfg.train.print_every)
+    module.images_seen.fill_(prior.get("images_seen", 0))
+    module.train_seconds.fill_(prior.get("train_seconds", 0.0))
     log.info("model %s: %.2fM parameters", cfg.model.name, sum(p.numel() for p in unet.parameters()) / 1e6)
 
     ckpt_dir = Path(cfg.train.ckpt_dir)

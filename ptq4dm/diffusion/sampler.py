@@ -73,15 +73,16 @@ class Sampler:
     @torch.no_grad()
     def sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
                generators: list[torch.Generator] | None = None,
-               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Run the reverse process from ``noise``; returns x_0 in [-1, 1].
+               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+               num_steps: int | None = None) -> torch.Tensor:
+        """Run the reverse process from ``noise``; returns x_0 in [-1, 1] (or x after ``num_steps`` steps).
 
-        ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input.
-        A fresh copy of the scheduler state is used, so samplers are reusable and thread-safe per call.
+        ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input exactly
+        as the network gets it. A fresh copy of the scheduler state is used, so a Sampler is reusable.
         """
         scheduler = self._fresh_scheduler()
         x = noise * scheduler.init_noise_sigma
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(scheduler.timesteps[:num_steps]):
             model_input = scheduler.scale_model_input(x, t)
             if on_step is not None:
                 on_step(i, t, model_input)
@@ -90,7 +91,7 @@ class Sampler:
             if self._takes_generator and generators is not None:
                 kwargs["generator"] = generators
             x = scheduler.step(eps, t, x, **kwargs).prev_sample
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if num_steps is None else x
 
     def _fresh_scheduler(self) -> SchedulerMixin:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)

@@ -81,7 +81,7 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
     """Load a UNet and its noise schedule from a local pipeline folder, never from the network."""
     folder = resolve_model_dir(path)
     unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True, use_safetensors=True,
-                                       torch_dtype=dtype)
+                                       torch_dtype=dtype, low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     return DiffusionModel(unet=unet, scheduler=scheduler, name=folder.name)

@@ -1,0 +1,28 @@
+"""Calibration: which inputs (calibration sets) and how ranges are chosen from them (range search)."""
+
+from ptq4dm.calibration.calibset import (
+    CalibrationRecipe,
+    CalibrationSet,
+    CalibrationSource,
+    ForwardNoised,
+    PureNoise,
+    RawImages,
+    Trajectory,
+    build_calibration_set,
+)
+from ptq4dm.calibration.range_metrics import (
+    CosineDistance,
+    KLDivergence,
+    LpDistance,
+    MinMax,
+    PearsonDistance,
+    Percentile,
+    RangeMetric,
+)
+from ptq4dm.calibration.search import RangeChoice, RangeSearch, calibrate_
+from ptq4dm.calibration.timesteps import Gaussian, RandomSteps, Single, TimestepDistribution, Uniform
+
+__all__ = ["CalibrationRecipe", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
+           "LpDistance", "MinMax", "PearsonDistance", "Percentile", "PureNoise", "RandomSteps", "RangeChoice",
+           "RangeMetric", "RangeSearch", "RawImages", "Single", "TimestepDistribution", "Trajectory", "Uniform",
+           "build_calibration_set", "calibrate_"]

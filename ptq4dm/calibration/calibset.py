@@ -1,0 +1,159 @@
+"""Calibration sets: network inputs (x, t) chosen by a time-step distribution and produced by a source.
+
+Sources:
+  Trajectory     the full-precision model's own sampling trajectory (PTQ4DM): start from x_T ~ N(0, I), run
+                 the sampler down to the drawn step, keep exactly what the network is fed there
+  ForwardNoised  real images noised to the drawn step by the forward process q(x_t | x_0)
+  RawImages      real images, fed with the drawn time step
+  PureNoise      Gaussian noise, fed with the drawn time step
+
+Every t is one of the sampler's own time steps and every x is passed through ``scale_model_input``, so a
+calibration input is what the network sees at inference, respaced schedules included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ptq4dm.calibration.timesteps import TimestepDistribution
+from ptq4dm.diffusion.sampler import Sampler, seeded_generators
+
+
+@dataclass
+class CalibrationSet:
+    x: torch.Tensor  # (N, C, H, W) network inputs
+    t: torch.Tensor  # (N,) time steps fed with them
+    step_index: torch.Tensor  # (N,) index of t in the sampler's step list (-1 where not from a sampler)
+    cond: torch.Tensor | None = None  # (N, ...) conditioning fed with them, if any
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def batches(self, batch_size: int, device=None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        for s in range(0, len(self), batch_size):
+            cond = None if self.cond is None else self.cond[s: s + batch_size].to(device)
+            yield self.x[s: s + batch_size].to(device), self.t[s: s + batch_size].to(device), cond
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CalibrationSource:
+    needs_images = False
+
+    def build(self, denoise: Denoiser, sampler: Sampler, steps: torch.Tensor, seed: int, batch_size: int,
+              device, image_shape, images: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+        """Network inputs (N, C, H, W) for the sampler steps ``steps`` (N,)."""
+        raise NotImplementedError
+
+
+class Trajectory(CalibrationSource):
+    """Inputs from the full-precision model's own denoising trajectories, one trajectory per sample."""
+
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+        out = torch.empty(len(steps), *image_shape)
+        order = torch.argsort(steps, stable=True)  # batches of similar depth stop early together
+        for s in tqdm(range(0, len(steps), batch_size), desc="calibration trajectories", disable=not progress,
+                      leave=False):
+            idx = order[s: s + batch_size]
+            want = steps[idx].to(device)
+            generators = seeded_generators(seed, idx.tolist())
+            noise = sampler.initial_noise(generators, image_shape, device)
+            kept = torch.empty(len(idx), *image_shape, device=device)
+
+            def keep(i, t, x):
+                hit = want == i
+                if hit.any():
+                    kept[hit] = x[hit]
+
+            sampler.sample(denoise, noise, generators, on_step=keep, num_steps=int(want.max()) + 1)
+            out[idx] = kept.float().cpu()
+        return out
+
+
+class ForwardNoised(CalibrationSource):
+    """Real images noised by q(x_t | x_0) to the drawn step."""
+
+    needs_images = True
+
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+        g = torch.Generator().manual_seed(seed)
+        x0 = _pick_images(images, len(steps), g)
+        t = sampler.timesteps[steps]
+        x_t = sampler.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        return _scale_inputs(sampler, x_t, t)
+
+
+class RawImages(CalibrationSource):
+    """Real images in [-1, 1], fed with the drawn step (PTQ4DM Table 2's "raw images")."""
+
+    needs_images = True
+
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+        x0 = _pick_images(images, len(steps), torch.Generator().manual_seed(seed))
+        return _scale_inputs(sampler, x0, sampler.timesteps[steps])
+
+
+class PureNoise(CalibrationSource):
+    """Gaussian noise x ~ N(0, I), fed with the drawn step."""
+
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(len(steps), *image_shape, generator=g) * sampler.scheduler.init_noise_sigma
+        return _scale_inputs(sampler, x, sampler.timesteps[steps])
+
+
+def _pick_images(images: torch.Tensor | None, n: int, g: torch.Generator) -> torch.Tensor:
+    if images is None or len(images) == 0:
+        raise ValueError("this calibration source needs real images (data.root)")
+    idx = torch.randint(0, len(images), (n,), generator=g)
+    return images[idx].float() / 127.5 - 1
+
+
+def _scale_inputs(sampler: Sampler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    scheduler = sampler._fresh_scheduler()
+    return torch.stack([scheduler.scale_model_input(xi[None], ti)[0] for xi, ti in zip(x, t)])
+
+
+def build_calibration_set(denoise: Denoiser, sampler: Sampler, timesteps: TimestepDistribution,
+                          source: CalibrationSource, num_samples: int, image_shape: tuple[int, int, int],
+                          seed: int = 1234, batch_size: int = 256, device="cpu",
+                          images: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+    """Draw ``num_samples`` time steps and build the inputs the network sees at them."""
+    if num_samples < 1:
+        raise ValueError(f"calib.num_samples={num_samples}: allowed is 1 or more")
+    steps = timesteps.draw(num_samples, sampler.timesteps, sampler.num_train_timesteps,
+                           torch.Generator().manual_seed(seed))
+    x = source.build(denoise, sampler, steps, seed, batch_size, device, image_shape, images, progress)
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("non-finite calibration inputs")
+    return CalibrationSet(x=x, t=sampler.timesteps[steps].clone(), step_index=steps)
+
+
+@dataclass
+class CalibrationRecipe:
+    """How a calibration set is made: which time steps, from which source, how many, from which seed."""
+
+    timesteps: TimestepDistribution
+    source: CalibrationSource
+    num_samples: int = 1024
+    batch_size: int = 256
+    seed: int = 1234
+
+    def __post_init__(self):
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"calib.num_samples={self.num_samples!r}: allowed is a whole number of 1 or more")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"calib.batch_size={self.batch_size!r}: allowed is a whole number of 1 or more")
+
+    def build(self, denoise: Denoiser, sampler: Sampler, image_shape: tuple[int, int, int], device="cpu",
+              images: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+        return build_calibration_set(denoise, sampler, self.timesteps, self.source, self.num_samples, image_shape,
+                                     self.seed, self.batch_size, device, images, progress)

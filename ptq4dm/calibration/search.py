@@ -1,0 +1,157 @@
+"""Range search: observe the full-precision network on the calibration set, then give every quantizer the
+candidate clipping range its metric scores best. Candidates shrink the observed [min, max] by factors
+1, 1 - 1/K, ..., 1/K (K = ``num_candidates``), per tensor for activations and per output channel for weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq4dm.calibration.calibset import CalibrationSet
+from ptq4dm.calibration.observer import ValueSample
+from ptq4dm.calibration.range_metrics import LpDistance, MinMax, RangeMetric
+from ptq4dm.quant.modules import QuantLayer
+from ptq4dm.quant.quantizer import Quantizer
+
+_CHUNK_ELEMENTS = 2**24  # candidates are scored in chunks of about this many values
+
+
+@dataclass
+class RangeSearch:
+    """Which metric picks ranges, over how many candidates, for activations and (if ``weights``) weights."""
+
+    metric: RangeMetric = field(default_factory=LpDistance)
+    num_candidates: int = 100
+    weights: bool = True
+    max_values: int = 65536  # values per activation quantizer kept for scoring
+
+    def __post_init__(self):
+        if self.num_candidates < 1:
+            raise ValueError(f"metric.num_candidates={self.num_candidates}: allowed is 1 or more")
+        if self.max_values < 16:
+            raise ValueError(f"metric.max_values={self.max_values}: allowed is 16 or more")
+
+
+@dataclass
+class RangeChoice:
+    """One quantizer's outcome, a row of the per-layer table."""
+
+    quantizer: str
+    tensor: str  # weight | input | attention operand
+    bits: int
+    lo: float
+    hi: float
+    observed_lo: float
+    observed_hi: float
+    score: float | None  # the metric at the chosen range (mean over channels)
+    minmax_score: float | None  # the metric at the observed range, for comparison
+
+
+def search_range(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, quantizer: Quantizer,
+                 metric: RangeMetric, num_candidates: int):
+    """Best range per row of ``x`` (C, n): returns lo (C,), hi (C,), best score (C,), score at min/max (C,)."""
+    if not metric.search:
+        lo, hi = metric.fixed_range(x, xmin, xmax)
+        return lo, hi, None, None
+    alphas = torch.linspace(1.0, 1.0 / num_candidates, num_candidates, device=x.device)
+    cand_lo, cand_hi = alphas[:, None] * xmin[None], alphas[:, None] * xmax[None]  # (K, C)
+    per_chunk = max(1, _CHUNK_ELEMENTS // x.numel())
+    scores = []
+    for s in range(0, num_candidates, per_chunk):
+        lo, hi = cand_lo[s: s + per_chunk], cand_hi[s: s + per_chunk]
+        xq = quantizer.quantize_with(x[None], lo[..., None], hi[..., None])
+        scores.append(metric.score(x[None], xq, lo, hi, quantizer.spec))
+    scores = torch.cat(scores)  # (K, C)
+    best = scores.argmin(dim=0)
+    cols = torch.arange(x.shape[0], device=x.device)
+    return cand_lo[best, cols], cand_hi[best, cols], scores[best, cols], scores[0]
+
+
+def _describe(name: str) -> tuple[str, str]:
+    """'up.0.conv1.input_quantizers.1' -> ('up.0.conv1', 'input[1]')."""
+    for kind in ("weight_quantizers", "input_quantizers"):
+        marker = f".{kind}."
+        if marker in name:
+            layer, part = name.split(marker)
+            tensor = kind.split("_")[0] + ("" if part == "0" else f"[{part}]")
+            return layer, tensor
+    layer, _, operand = name.rpartition(".quantizers.")
+    return layer or name, f"attention {operand}"
+
+
+@torch.no_grad()
+def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search: RangeSearch,
+               batch_size: int = 256, progress: bool = True) -> list[RangeChoice]:
+    """Set the range of every quantizer in ``network`` from the calibration set, in place.
+
+    ``forward(x, t, cond)`` runs the network; it is called with full precision everywhere while observing.
+    Returns one RangeChoice per quantizer.
+    """
+    started = time.perf_counter()
+    device = next(network.parameters()).device
+    config = getattr(network, "quant_config", None)
+    if config is not None and config.shortcut_split:
+        from ptq4dm.quant.api import split_shortcuts_
+
+        x, t, cond = next(calibration.batches(1, device))
+        split_shortcuts_(network, *((x, t) if cond is None else (x, t, cond)))
+
+    layers = {name: m for name, m in network.named_modules() if isinstance(m, QuantLayer)}
+    weight_quantizers = {f"{n}.weight_quantizers.{i}": (m, i, q) for n, m in layers.items()
+                         for i, q in enumerate(m.weight_quantizers)}
+    act_quantizers = {n: q for n, q in network.named_modules()
+                      if isinstance(q, Quantizer) and n not in weight_quantizers}
+    for layer in layers.values():
+        layer.unfreeze_weight()
+
+    for i, (name, q) in enumerate(act_quantizers.items()):
+        q.observer = ValueSample(search.max_values, seed=i)
+    try:
+        for x, t, cond in tqdm(calibration.batches(batch_size, device), desc="calibration statistics",
+                               total=calibration.num_batches(batch_size), disable=not progress, leave=False):
+            forward(x, t, cond)
+    except FloatingPointError as err:
+        bad = next((n for n, q in act_quantizers.items() if q.observer.min is None or
+                    not (torch.isfinite(q.observer.min).all() and torch.isfinite(q.observer.max).all())), "?")
+        raise FloatingPointError(f"{err} (at the input of {bad})") from err
+    finally:
+        observers = {n: q.observer for n, q in act_quantizers.items()}
+        for q in act_quantizers.values():
+            q.observer = None
+
+    choices = []
+    todo = [(n, "act") for n in act_quantizers] + ([(n, "weight") for n in weight_quantizers])
+    for name, kind in tqdm(todo, desc="range search", disable=not progress, leave=False):
+        if kind == "act":
+            q, obs = act_quantizers[name], observers[name]
+            if obs.min is None:  # never called (e.g. an unused branch): leave it in full precision
+                q.enabled = False
+                continue
+            x, xmin, xmax = obs.values(), obs.min, obs.max
+            metric = search.metric
+        else:
+            layer, part, q = weight_quantizers[name]
+            w = layer.layer.weight
+            w = w if not layer.split else (w[:, : layer.split] if part == 0 else w[:, layer.split:])
+            x = w.detach().float().reshape(w.shape[0], -1)
+            xmin, xmax = x.amin(dim=1), x.amax(dim=1)
+            metric = search.metric if search.weights else MinMax()
+        if not q.spec.per_channel:
+            x, xmin, xmax = x.reshape(1, -1), xmin.min().reshape(1), xmax.max().reshape(1)
+        lo, hi, score, base = search_range(x, xmin, xmax, q, metric, search.num_candidates)
+        q.set_range(lo, hi)
+        layer_name, tensor = _describe(name)
+        choices.append(RangeChoice(
+            quantizer=layer_name, tensor=tensor, bits=q.spec.bits, lo=float(lo.min()), hi=float(hi.max()),
+            observed_lo=float(xmin.min()), observed_hi=float(xmax.max()),
+            score=None if score is None else float(score.mean()),
+            minmax_score=None if base is None else float(base.mean())))
+    for layer in layers.values():
+        layer.freeze_weight()
+    network.calibration_seconds = time.perf_counter() - started
+    return choices

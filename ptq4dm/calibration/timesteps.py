@@ -1,0 +1,67 @@
+"""How calibration time steps are drawn. Each distribution returns indices into the sampler's step list.
+
+Drawing over the sampler's own steps (not over 0..T-1) is what keeps a calibration input and its t exactly
+what the network sees at inference, respaced schedules included. Fractions are of T (training steps).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _nearest_steps(t: torch.Tensor, sampler_timesteps: torch.Tensor) -> torch.Tensor:
+    """Index of the sampler step nearest to each t (ties go to the smaller t)."""
+    steps = sampler_timesteps.float()
+    dist = (t.float()[:, None] - steps[None, :]).abs() + 1e-3 * steps[None, :] / steps.max().clamp_min(1)
+    return dist.argmin(dim=1)
+
+
+class TimestepDistribution:
+    """Base class: ``draw(n, sampler_timesteps, T, generator)`` returns n indices into ``sampler_timesteps``."""
+
+    def draw(self, n: int, sampler_timesteps: torch.Tensor, T: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Gaussian(TimestepDistribution):
+    """NDTC (PTQ4DM Algorithm 1): t ~ N(mean*T, std*T), rounded down, clamped to [0, T-1], snapped to a step."""
+
+    def __init__(self, mean: float = 0.4, std: float = 0.4):
+        if not 0 <= mean <= 1:
+            raise ValueError(f"calib.timesteps.mean={mean}: allowed is a fraction of T in [0, 1]")
+        if not std > 0:
+            raise ValueError(f"calib.timesteps.std={std}: allowed is a fraction of T above 0")
+        self.mean, self.std = mean, std
+
+    def draw(self, n, sampler_timesteps, T, generator):
+        t = torch.randn(n, generator=generator) * self.std * T + self.mean * T
+        t = t.floor().clamp(0, T - 1)
+        return _nearest_steps(t, sampler_timesteps)
+
+
+class Uniform(TimestepDistribution):
+    """Every sampler step equally often (stratified, as Q-Diffusion's uniform calibration)."""
+
+    def draw(self, n, sampler_timesteps, T, generator):
+        k = len(sampler_timesteps)
+        return torch.arange(n) * k // n if n >= k else torch.linspace(0, k - 1, n).round().long()
+
+
+class RandomSteps(TimestepDistribution):
+    """t ~ U(0, T), snapped to the nearest sampler step (PTQ4DM's Observation 3)."""
+
+    def draw(self, n, sampler_timesteps, T, generator):
+        return _nearest_steps(torch.randint(0, T, (n,), generator=generator), sampler_timesteps)
+
+
+class Single(TimestepDistribution):
+    """One time step for all samples: ``t`` as a fraction of T, snapped to the nearest sampler step."""
+
+    def __init__(self, t: float = 0.5):
+        if not 0 <= t <= 1:
+            raise ValueError(f"calib.timesteps.t={t}: allowed is a fraction of T in [0, 1]")
+        self.t = t
+
+    def draw(self, n, sampler_timesteps, T, generator):
+        target = torch.full((n,), min(int(self.t * T), T - 1))
+        return _nearest_steps(target, sampler_timesteps)

@@ -1,0 +1,17 @@
+"""The quantization engine: quantizers, quantized layers and attention, and the ``quantize_`` entry point."""
+
+from ptq4dm.quant.api import (
+    quantizable_layers,
+    quantize_,
+    quantizers,
+    set_quantization_enabled,
+    split_shortcuts_,
+)
+from ptq4dm.quant.attention import QuantAttnProcessor
+from ptq4dm.quant.config import QuantConfig
+from ptq4dm.quant.modules import QuantLayer
+from ptq4dm.quant.quantizer import Quantizer, QuantSpec, fake_quantize, grid_params
+
+__all__ = ["QuantAttnProcessor", "QuantConfig", "QuantLayer", "QuantSpec", "Quantizer", "fake_quantize",
+           "grid_params", "quantizable_layers", "quantize_", "quantizers", "set_quantization_enabled",
+           "split_shortcuts_"]

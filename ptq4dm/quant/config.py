@@ -1,0 +1,55 @@
+"""What to quantize: one small config object, in the shape of torchao's quantization configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ptq4dm.quant.quantizer import QuantSpec
+
+SAMPLER_OUTPUTS = ("mean", "variance", "x_prev")
+
+
+@dataclass
+class QuantConfig:
+    """Bit-widths and the operations that are quantized.
+
+    ``weight_bits`` / ``act_bits`` of None leave weights / activations in full precision. ``first_last_bits``
+    overrides both for the first and last quantized layers (8 in the PTQ4DM reference code). ``exclude`` holds
+    fnmatch patterns of module names left in full precision. ``sampler_outputs`` lists the sampler quantities
+    quantized at ``act_bits`` (PTQ4DM Table 1): any of mean, variance, x_prev.
+    """
+
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+    weight_symmetric: bool = False
+    weight_per_channel: bool = True
+    act_symmetric: bool = False
+    conv: bool = True
+    linear: bool = True
+    attn_matmul: bool = False
+    first_last_bits: int | None = 8
+    shortcut_split: bool = False
+    exclude: tuple[str, ...] = ()
+    sampler_outputs: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        for key in ("weight_bits", "act_bits", "first_last_bits"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or not 2 <= value <= 16):
+                raise ValueError(f"{key}={value!r}: allowed are whole numbers from 2 to 16, or null (full precision)")
+        self.exclude = tuple(self.exclude)
+        self.sampler_outputs = tuple(self.sampler_outputs)
+        unknown = set(self.sampler_outputs) - set(SAMPLER_OUTPUTS)
+        if unknown:
+            raise ValueError(f"sampler_outputs={list(self.sampler_outputs)}: unknown {sorted(unknown)}; "
+                             f"allowed are {list(SAMPLER_OUTPUTS)}")
+        if self.attn_matmul and self.act_bits is None:
+            raise ValueError("attn_matmul=true needs act_bits: the matmul operands are activations")
+
+    def weight_spec(self, bits: int | None = None) -> QuantSpec | None:
+        bits = bits or self.weight_bits
+        return QuantSpec(bits, self.weight_symmetric, self.weight_per_channel) if bits else None
+
+    def act_spec(self, bits: int | None = None) -> QuantSpec | None:
+        bits = bits or self.act_bits
+        return QuantSpec(bits, self.act_symmetric, per_channel=False) if bits else None

@@ -1,0 +1,76 @@
+"""Quantized stand-ins for Conv2d and Linear: quantizers on the weight and on the input activation.
+
+With ``split`` > 0 (shortcut splitting, Q-Diffusion), the input channels [0, split) and [split, C) come from
+two different tensors concatenated at a UNet skip; each part gets its own activation quantizer, and the
+matching slices of the weight their own per-channel scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq4dm.quant.quantizer import Quantizer, QuantSpec
+
+
+class QuantLayer(nn.Module):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, weight: QuantSpec | None, activation: QuantSpec | None,
+                 split: int = 0):
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
+        self.layer, self.weight_spec, self.activation_spec = layer, weight, activation
+        self.register_buffer("_frozen_weight", None, persistent=False)  # moves with .to(); not saved
+        self.set_split(split)
+
+    def set_split(self, split: int) -> None:
+        """Give input channels [0, split) and [split, C) separate quantizers (0: one quantizer for all)."""
+        if not 0 <= split < self.layer.weight.shape[1]:
+            raise ValueError(f"split={split} outside the layer's {self.layer.weight.shape[1]} input channels")
+        self.split, parts = split, 2 if split else 1
+        out_channels = self.layer.weight.shape[0]
+        self.weight_quantizers = nn.ModuleList(
+            [Quantizer(self.weight_spec, out_channels) for _ in range(parts)] if self.weight_spec else [])
+        self.input_quantizers = nn.ModuleList(
+            [Quantizer(self.activation_spec, axis=1) for _ in range(parts)] if self.activation_spec else [])
+        self._frozen_weight = None
+
+    # The weight as the layer computes with it: quantized part by part along the input channels.
+    def quantized_weight(self) -> torch.Tensor:
+        if self._frozen_weight is not None:
+            return self._frozen_weight
+        w = self.layer.weight
+        if not self.weight_quantizers:
+            return w
+        if not self.split:
+            return self.weight_quantizers[0](w)
+        return torch.cat([self.weight_quantizers[0](w[:, : self.split]),
+                          self.weight_quantizers[1](w[:, self.split:])], dim=1)
+
+    def freeze_weight(self) -> None:
+        """Quantize the weight once, after calibration, instead of at every call."""
+        self._frozen_weight = None
+        with torch.no_grad():
+            self._frozen_weight = self.quantized_weight().detach()
+
+    def unfreeze_weight(self) -> None:
+        self._frozen_weight = None
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_quantizers:
+            return x
+        if not self.split:
+            return self.input_quantizers[0](x)
+        return torch.cat([self.input_quantizers[0](x[:, : self.split]),
+                          self.input_quantizers[1](x[:, self.split:])], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quantize_input(x)
+        w = self.quantized_weight()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w.to(x.dtype), self.layer.bias)
+        return F.linear(x, w.to(x.dtype), self.layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}" if self.split else ""

@@ -1,0 +1,111 @@
+"""Uniform affine fake quantization: integer grids, their ranges, and the one round-and-clamp.
+
+A quantizer maps a real clipping range [lo, hi] to a scale and zero point on a ``bits``-bit grid and rounds
+values onto it. Symmetric grids are signed and centred on 0 (zero point 0); asymmetric grids are unsigned and
+place 0 exactly on a grid point. Per-channel quantizers keep one range per slice along ``axis``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What one quantizer does: bit-width, symmetry, and granularity (per tensor or per output channel)."""
+
+    bits: int
+    symmetric: bool = False
+    per_channel: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"quantizer bits={self.bits!r}: allowed are whole numbers from 2 to 16")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+    """Round ``x`` onto the integer grid and map it back: the only place rounding and clamping happen."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def grid_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that cover the clipping range [lo, hi] (broadcast over channels)."""
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))  # grid holds 0
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / spec.qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        zero_point = torch.clamp(torch.round(-lo / scale.clamp_min(1e-12)), spec.qmin, spec.qmax)
+    return scale.clamp_min(1e-12), zero_point
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes its input once it has a range; observes instead while ``observer`` is set.
+
+    ``axis`` is the channel dimension for per-channel quantizers (0 for weights).
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int = 1, axis: int = 0):
+        super().__init__()
+        self.spec, self.axis = spec, axis
+        shape = (channels,) if spec.per_channel else ()
+        self.register_buffer("lo", torch.zeros(shape))
+        self.register_buffer("hi", torch.zeros(shape))
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))  # persisted with the ranges
+        self.enabled = True
+        self.ready = False  # a Python mirror of `calibrated`: no device sync or graph break in forward
+        self.observer = None  # set during calibration; sees full-precision inputs
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+        self.lo.copy_(lo.reshape(self.lo.shape))
+        self.hi.copy_(hi.reshape(self.hi.shape))
+        scale, zero_point = grid_params(self.lo, self.hi, self.spec)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.calibrated.fill_(True)
+        self.ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.ready = bool(self.calibrated)
+
+    def _broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if t.ndim == 0:
+            return t
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return t.view(shape)
+
+    def quantize_with(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with a candidate range (range search); does not change the quantizer."""
+        scale, zero_point = grid_params(lo, hi, self.spec)
+        return fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+            return x
+        if not self.enabled or not self.ready:
+            return x
+        scale = self._broadcast(self.scale, x.ndim).to(x.dtype)
+        zero_point = self._broadcast(self.zero_point, x.ndim).to(x.dtype)
+        return fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.spec.per_channel else "per-tensor"
+        return f"{self.spec.bits}-bit {'symmetric' if self.spec.symmetric else 'asymmetric'} {kind}"

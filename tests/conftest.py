@@ -1,0 +1,81 @@
+"""Shared fixtures: small data sets in each supported layout, a small registered feature extractor, paths."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ptq4dm.data import CIFAR10_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"  # present in development and CI, not on users' machines
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own cache, so nothing depends on a developer's ~/.cache."""
+    monkeypatch.setenv("PTQ4DM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def shared_cifar10() -> Path:
+    if not (SHARED_CIFAR10 / "cifar10-test.tar.xz").exists():
+        pytest.skip(f"the CIFAR-10 JPEG copy is not at {SHARED_CIFAR10}")
+    return SHARED_CIFAR10
+
+
+def synthetic_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
+    """Smooth random images (N, H, W, 3) uint8: structured enough for features to differ between sets."""
+    g = np.random.default_rng(seed)
+    low = g.uniform(0, 255, size=(n, 4, 4, 3))
+    up = np.kron(low, np.ones((1, size // 4, size // 4, 1)))
+    return np.clip(up + g.normal(0, 12, size=up.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_folder_root(tmp_path_factory) -> Path:
+    """``{train,test}/<class>/*.png`` with 4 images per class in train, 2 in test."""
+    root = tmp_path_factory.mktemp("image_folder")
+    for split, per_class in (("train", 4), ("test", 2)):
+        images = synthetic_images(per_class * 10, seed=1 if split == "train" else 2)
+        for i, im in enumerate(images):
+            folder = root / split / CIFAR10_CLASSES[i % 10]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def python_batches_root(tmp_path_factory) -> Path:
+    """The standard cifar-10-batches-py layout, 6 images per batch."""
+    root = tmp_path_factory.mktemp("python_batches")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        images = synthetic_images(6, seed=10 + k)
+        batch = {b"data": images.transpose(0, 3, 1, 2).reshape(6, -1), b"labels": [k % 10] * 6}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_extractor():
+    """A small fixed random conv net registered with torch-fidelity under the FID extractor's feature names.
+
+    A test double for the 87 MB Inception network where only the metric plumbing is under test; the real
+    network is exercised separately in test_metrics.py.
+    """
+    from tests.small_extractor import register_small_extractor
+
+    return register_small_extractor()
