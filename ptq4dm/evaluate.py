@@ -14,10 +14,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptq4dm.diffusion import Sampler
-from ptq4dm.evaluation import generate_images
-from ptq4dm.metrics import ImageStatistics, compute_metrics, extract_features, make_extractor
-from ptq4dm.metrics.fidelity import inception_score
-from ptq4dm.metrics.reference import reference_statistics
+from ptq4dm.evaluation import SamplingModule, generate_images
+from ptq4dm.metrics import make_extractor
+from ptq4dm.metrics.scoring import (
+    image_statistics,
+    inception_scores,
+    metrics_device,
+    reference_from_config,
+    score,
+)
 from ptq4dm.models import load_diffusion_model
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import save_grid
@@ -27,31 +32,6 @@ from ptq4dm.utils.table import markdown_table
 log = logging.getLogger(__name__)
 
 
-def metrics_device(trainer_cfg: DictConfig) -> torch.device:
-    wants_gpu = trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda")
-    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
-
-
-def load_reference(cfg: DictConfig, extractor) -> ImageStatistics:
-    """The data set's statistics: cached, shipped, or computed now (before any sampling, so a missing data set
-    stops the job before the expensive part)."""
-    return reference_statistics(cfg.data.root, cfg.metrics.reference.split, cfg.data.format, extractor,
-                                cfg.metrics.reference.cache_dir, cfg.metrics.reference.max_features,
-                                cfg.metrics.batch_size, seed=cfg.seed)
-
-
-def score_images(images: torch.Tensor, cfg: DictConfig, extractor, reference: ImageStatistics) -> dict:
-    """FID/sFID/KID/precision-recall against the reference data, and Inception Score where weights exist."""
-    device = next(extractor.parameters()).device
-    generated = ImageStatistics.from_features(
-        "samples", extractor.get_name(), extract_features(images, extractor, cfg.metrics.batch_size))
-    scores = compute_metrics(generated, reference, cfg.metrics.kid_subset_size, cfg.metrics.kid_subsets)
-    scores.update(inception_score(images, cfg.metrics.isc_weights_path, device, cfg.metrics.batch_size)
-                  or {"isc": None, "isc_std": None})
-    scores["reference"] = f"{reference.name} ({reference.num_images} images)"
-    return scores
-
-
 def evaluate(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
     out = Path(cfg.output_dir)
@@ -59,16 +39,18 @@ def evaluate(cfg: DictConfig) -> dict:
     model = load_diffusion_model(cfg.model.pretrained)
     sampler = Sampler(model.scheduler, **cfg.sampler)
     extractor = make_extractor(metrics_device(cfg.trainer), cfg.metrics.inception_path)
-    reference = load_reference(cfg, extractor)
+    reference = reference_from_config(cfg, extractor)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer)
     t0 = time.perf_counter()
-    images = generate_images(model.unet, sampler, cfg.eval.num_samples, cfg.seed, cfg.eval.batch_size,
-                             out / "samples", cfg.eval.precision, trainer_kwargs)
+    sampling = SamplingModule(model.unet, sampler, seed=cfg.seed, precision=cfg.eval.precision)
+    images = generate_images(sampling, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
     if images is None:  # a non-zero DDP rank: rank 0 scores and writes
         return {}
     sampling_seconds = time.perf_counter() - t0
     save_grid(images[: cfg.eval.grid_size], out / "samples.png")
-    scores = score_images(images, cfg, extractor, reference)
+    scores = score(image_statistics(images, extractor, cfg.metrics.batch_size), reference, cfg)
+    scores.update(inception_scores(images, cfg, metrics_device(cfg.trainer)))
+    scores["reference"] = f"{reference.name} ({reference.num_images} images)"
     results = {
         "model": cfg.model.name,
         "sampler": f"{cfg.sampler.name}-{cfg.sampler.steps}",

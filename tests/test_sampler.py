@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ptq4dm.diffusion import SAMPLERS, Sampler
-from ptq4dm.evaluation import generate_images
+from ptq4dm.evaluation import SamplingModule, generate_images
 from ptq4dm.models import build_noise_scheduler, build_unet
 
 
@@ -16,9 +16,9 @@ def unet():
 def test_images_do_not_depend_on_batching(unet, name, tmp_path):
     sampler = Sampler(build_noise_scheduler(), name, steps=3, eta=0.5)
     kwargs = dict(enable_progress_bar=False, accelerator="cpu")
-    a = generate_images(unet, sampler, 5, seed=7, batch_size=2, shard_dir=tmp_path / "a", trainer_kwargs=kwargs)
-    b = generate_images(unet, sampler, 5, seed=7, batch_size=3, shard_dir=tmp_path / "b", trainer_kwargs=kwargs)
-    c = generate_images(unet, sampler, 5, seed=8, batch_size=5, shard_dir=tmp_path / "c", trainer_kwargs=kwargs)
+    a = generate_images(SamplingModule(unet, sampler, seed=7), 5, 2, tmp_path / "a", kwargs)
+    b = generate_images(SamplingModule(unet, sampler, seed=7), 5, 3, tmp_path / "b", kwargs)
+    c = generate_images(SamplingModule(unet, sampler, seed=8), 5, 5, tmp_path / "c", kwargs)
     assert a.shape == (5, 3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # another seed, other images
@@ -27,11 +27,11 @@ def test_images_do_not_depend_on_batching(unet, name, tmp_path):
 def test_finished_shards_are_not_sampled_again(unet, tmp_path):
     sampler = Sampler(build_noise_scheduler(), "ddim", steps=2)
     kwargs = dict(enable_progress_bar=False, accelerator="cpu")
-    first = generate_images(unet, sampler, 4, batch_size=2, shard_dir=tmp_path, trainer_kwargs=kwargs)
+    first = generate_images(SamplingModule(unet, sampler), 4, 2, tmp_path, kwargs)
     calls = []
     hook = unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        again = generate_images(unet, sampler, 4, batch_size=2, shard_dir=tmp_path, trainer_kwargs=kwargs)
+        again = generate_images(SamplingModule(unet, sampler), 4, 2, tmp_path, kwargs)
     finally:
         hook.remove()
     assert calls == [] and torch.equal(first, again)

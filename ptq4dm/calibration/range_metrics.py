@@ -58,27 +58,62 @@ class PearsonDistance(RangeMetric):
 
 
 class KLDivergence(RangeMetric):
-    """Entropy calibration (TensorRT style): KL(P || Q) between the histogram P of x clipped to the candidate
-    range (outliers folded into the edge bins) and Q, the same histogram merged into the grid's levels and
-    spread back evenly over each level's non-empty bins."""
+    """Entropy calibration (TensorRT): a ``bins``-bin histogram over the observed range; for a candidate range,
+    P is the histogram inside it with the mass outside folded into its edge bins, Q is the inside histogram
+    merged into the grid's levels and spread back evenly over each level's non-empty bins; score KL(P || Q).
+    Clipping costs through the folded mass, coarse levels through the merging."""
 
-    def __init__(self, bins_per_level: int = 8, max_bins: int = 2048):
-        self.bins_per_level, self.max_bins = bins_per_level, max_bins
+    def __init__(self, bins: int = 2048):
+        if bins < 16:
+            raise ValueError(f"metric.fn.bins={bins}: allowed is 16 or more")
+        self.bins = int(bins)
 
     def score(self, x, xq, lo, hi, spec):
         levels = spec.qmax - spec.qmin + 1
-        per_level = max(1, min(self.bins_per_level, self.max_bins // levels))
-        bins = levels * per_level
-        lo, hi = lo[..., None], hi[..., None]  # (K, C, 1)
-        clipped = torch.minimum(torch.maximum(x, lo), hi)  # outliers land in the edge bins
-        idx = ((clipped - lo) / (hi - lo).clamp_min(1e-12) * bins).long().clamp_(0, bins - 1)
-        p = torch.zeros(*idx.shape[:2], bins, device=x.device).scatter_add_(2, idx, torch.ones_like(clipped))
-        p = p.view(*p.shape[:2], levels, per_level)
-        nonzero = (p > 0).float()
-        q = p.sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp_min(1) * nonzero
-        p, q = p.flatten(2), q.flatten(2)
-        p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
-        return torch.where(p > 0, p * (p / q.clamp_min(1e-30)).log(), torch.zeros_like(p)).sum(-1)
+        x = x.reshape(lo.shape[1], -1)
+        out = torch.empty(lo.shape, device=x.device)
+        for c in range(x.shape[0]):
+            xmin, xmax = float(x[c].min()), float(x[c].max())
+            width = max(xmax - xmin, 1e-12)
+            hist = torch.histc(x[c].float(), bins=self.bins, min=xmin, max=xmin + width)
+            for k in range(lo.shape[0]):
+                i0 = int(min(max((float(lo[k, c]) - xmin) / width * self.bins, 0), self.bins - 1))
+                i1 = int(min(max(-(-(float(hi[k, c]) - xmin) / width * self.bins // 1), i0 + 1), self.bins))
+                inside = hist[i0:i1]
+                p = inside.clone()
+                p[0] += hist[:i0].sum()
+                p[-1] += hist[i1:].sum()
+                out[k, c] = _kl(p, _merge_into_levels(inside, levels))
+        return out
+
+
+def _merge_into_levels(hist: torch.Tensor, levels: int) -> torch.Tensor:
+    """Sum bins into ``levels`` groups and spread each group's mass evenly over its non-empty bins."""
+    m = len(hist)
+    if m <= levels:
+        return hist.clone()
+    level = torch.arange(m, device=hist.device) * levels // m
+    nonzero = (hist > 0).float()
+    mass = torch.zeros(levels, device=hist.device).index_add_(0, level, hist)
+    count = torch.zeros(levels, device=hist.device).index_add_(0, level, nonzero)
+    return mass[level] / count[level].clamp_min(1) * nonzero
+
+
+def _smooth(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Normalise and give empty bins a little mass (taken from the others), as MXNet's and TVM's entropy
+    calibration do, so that a bin Q leaves empty costs a bounded amount instead of infinity."""
+    p = p / p.sum().clamp_min(1e-12)
+    empty = (p == 0).float()
+    n_empty = float(empty.sum())
+    if n_empty in (0, p.numel()):
+        return p
+    return (p + eps * empty - eps * n_empty / (p.numel() - n_empty) * (1 - empty)).clamp_min(1e-12)
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    mask = p > 0
+    p, q = _smooth(p)[mask], _smooth(q)[mask]
+    return (p * (p / q).log()).sum()
 
 
 class MinMax(RangeMetric):

@@ -1,3 +1,3 @@
-from ptq4dm.evaluation.sampling import SamplingModule, generate_images
+from ptq4dm.evaluation.sampling import SamplingModule, SeedDataModule, generate_images, load_shards
 
-__all__ = ["SamplingModule", "generate_images"]
+__all__ = ["SamplingModule", "SeedDataModule", "generate_images", "load_shards"]

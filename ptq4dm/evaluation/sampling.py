@@ -22,7 +22,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SeedBatches(Dataset):
-    """Index ranges of images still to sample; each item is one prediction batch."""
+    """Index ranges [start, start + batch_size) of images still to sample; each item is one prediction batch."""
 
     def __init__(self, num_samples: int, batch_size: int, skip: set[int] = frozenset()):
         starts = range(0, num_samples, batch_size)
@@ -76,33 +76,51 @@ class ShardWriter(BasePredictionWriter):
             torch.save(prediction, tmp)
 
 
-def _done_shards(folder: Path) -> dict[int, Path]:
+class SeedDataModule(pl.LightningDataModule):
+    """Prediction batches of image indices; batches already written to ``shard_dir`` are left out."""
+
+    def __init__(self, num_samples: int, batch_size: int, shard_dir: str | Path):
+        super().__init__()
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"eval.num_samples={num_samples} and eval.batch_size={batch_size} must be 1 or more")
+        self.num_samples, self.batch_size, self.shard_dir = num_samples, batch_size, Path(shard_dir)
+
+    def todo(self) -> SeedBatches:
+        return SeedBatches(self.num_samples, self.batch_size, skip=set(done_shards(self.shard_dir)))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.todo(), batch_size=None)
+
+
+def done_shards(folder: Path) -> dict[int, Path]:
     return {int(p.stem.split("-")[1]): p for p in folder.glob("shard-*.pt")} if folder.is_dir() else {}
 
 
-def generate_images(unet: torch.nn.Module, sampler: Sampler, num_samples: int, seed: int = 0,
-                    batch_size: int = 256, shard_dir: str | Path = "samples", precision: str = "fp32",
-                    trainer_kwargs: dict | None = None) -> torch.Tensor | None:
-    """Sample ``num_samples`` images; returns them as uint8 (N, 3, H, W) on global rank 0, None elsewhere.
-
-    Batches already in ``shard_dir`` (from an interrupted run with the same settings) are not sampled again.
-    """
-    shard_dir = Path(shard_dir)
-    done = _done_shards(shard_dir)
-    todo = SeedBatches(num_samples, batch_size, skip=set(done))
-    if len(todo):
-        module = SamplingModule(unet, sampler, seed=seed, precision=precision)
-        kwargs = {"logger": False, "enable_model_summary": False, **(trainer_kwargs or {})}
-        trainer = pl.Trainer(callbacks=[ShardWriter(shard_dir)], **kwargs)
-        trainer.predict(module, DataLoader(todo, batch_size=None), return_predictions=False)
-        if trainer.global_rank != 0:
-            return None
-    shards = [torch.load(p, weights_only=True) for _, p in sorted(_done_shards(shard_dir).items())]
+def load_shards(folder: Path, num_samples: int) -> torch.Tensor:
+    """The images of all shards in index order; checks that they are exactly 0..num_samples-1."""
+    shards = [torch.load(p, weights_only=True) for _, p in sorted(done_shards(folder).items())]
+    if not shards:
+        raise RuntimeError(f"no samples in {folder}")
     indices = torch.cat([s["indices"] for s in shards])
     images = torch.cat([s["images"] for s in shards])
     order = torch.argsort(indices)
-    indices, images = indices[order], images[order]
-    if not torch.equal(indices, torch.arange(num_samples)):
-        raise RuntimeError(f"samples in {shard_dir} do not cover 0..{num_samples - 1}: found {len(indices)} indices; "
+    if not torch.equal(indices[order], torch.arange(num_samples)):
+        raise RuntimeError(f"samples in {folder} do not cover 0..{num_samples - 1} ({len(indices)} found); "
                            "delete the folder if the settings changed")
-    return images
+    return images[order]
+
+
+def generate_images(module: SamplingModule, num_samples: int, batch_size: int = 256,
+                    shard_dir: str | Path = "samples", trainer_kwargs: dict | None = None) -> torch.Tensor | None:
+    """Sample ``num_samples`` images with ``module``; uint8 (N, 3, H, W) on global rank 0, None elsewhere.
+
+    Batches already in ``shard_dir`` (from an interrupted run with the same settings) are not sampled again.
+    """
+    data = SeedDataModule(num_samples, batch_size, shard_dir)
+    if len(data.todo()):
+        kwargs = {"logger": False, "enable_model_summary": False, **(trainer_kwargs or {})}
+        trainer = pl.Trainer(callbacks=[ShardWriter(shard_dir)], **kwargs)
+        trainer.predict(module, datamodule=data, return_predictions=False)
+        if trainer.global_rank != 0:
+            return None
+    return load_shards(Path(shard_dir), num_samples)

@@ -46,11 +46,11 @@ def reference_statistics(root: str, split: str = "train", format: str = "auto", 
     try:
         layout = find_layout(Path(root).expanduser(), split, format)
         dataset = f"cifar10-{split}-{layout.format}"
-    except DataNotFoundError as missing:
+    except DataNotFoundError:
         shipped = sorted(SHIPPED_STATS_DIR.glob(stats_filename(f"cifar10-{split}-*")))
         cached = sorted(cache.glob(stats_filename(f"cifar10-{split}-*")))
         for path in cached + shipped:
-            log.warning("data set not found (%s); using reference statistics %s", missing, path.name)
+            log.info("no CIFAR-10 %s split at data.root=%s: FID against the statistics in %s", split, root, path)
             return load_statistics(path)
         raise
     for path in (cache / stats_filename(dataset), SHIPPED_STATS_DIR / stats_filename(dataset)):

@@ -47,9 +47,13 @@ class QuantConfig:
             raise ValueError("attn_matmul=true needs act_bits: the matmul operands are activations")
 
     def weight_spec(self, bits: int | None = None) -> QuantSpec | None:
-        bits = bits or self.weight_bits
-        return QuantSpec(bits, self.weight_symmetric, self.weight_per_channel) if bits else None
+        """Weights' spec; ``bits`` overrides the width (edge layers) but never turns quantization on."""
+        if self.weight_bits is None:
+            return None
+        return QuantSpec(bits or self.weight_bits, self.weight_symmetric, self.weight_per_channel)
 
     def act_spec(self, bits: int | None = None) -> QuantSpec | None:
-        bits = bits or self.act_bits
-        return QuantSpec(bits, self.act_symmetric, per_channel=False) if bits else None
+        """Activations' spec; ``bits`` overrides the width but never turns quantization on."""
+        if self.act_bits is None:
+            return None
+        return QuantSpec(bits or self.act_bits, self.act_symmetric, per_channel=False)

@@ -102,9 +102,10 @@ class Quantizer(nn.Module):
             return x
         if not self.enabled or not self.ready:
             return x
-        scale = self._broadcast(self.scale, x.ndim).to(x.dtype)
-        zero_point = self._broadcast(self.zero_point, x.ndim).to(x.dtype)
-        return fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
+        scale = self._broadcast(self.scale, x.ndim)
+        zero_point = self._broadcast(self.zero_point, x.ndim)
+        # Rounding onto the grid in float32: bf16's 8-bit mantissa cannot tell neighbouring 8-bit levels apart.
+        return fake_quantize(x.float(), scale, zero_point, self.spec.qmin, self.spec.qmax).to(x.dtype)
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.spec.per_channel else "per-tensor"

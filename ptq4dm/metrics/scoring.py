@@ -1,0 +1,47 @@
+"""Scoring image sets from a job's config: the reference data set, generated sets, and pixel errors."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from ptq4dm.metrics.fidelity import ImageStatistics, compute_metrics, extract_features, inception_score
+from ptq4dm.metrics.reference import reference_statistics
+
+
+def metrics_device(trainer_cfg: DictConfig) -> torch.device:
+    """The device Inception runs on: the first GPU when the trainer may use one, else the CPU."""
+    wants_gpu = trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def reference_from_config(cfg: DictConfig, extractor) -> ImageStatistics:
+    """The data set's statistics: cached, shipped, or computed now. Called before any sampling, so a missing
+    data set stops a job before its expensive part."""
+    ref = cfg.metrics.reference
+    return reference_statistics(cfg.data.root, ref.split, cfg.data.format, extractor, ref.cache_dir,
+                                ref.max_features, cfg.metrics.batch_size, seed=cfg.seed)
+
+
+def image_statistics(images: torch.Tensor, extractor, batch_size: int, name: str = "samples") -> ImageStatistics:
+    return ImageStatistics.from_features(name, extractor.get_name(), extract_features(images, extractor, batch_size))
+
+
+def score(generated: ImageStatistics, reference: ImageStatistics, cfg: DictConfig, suffix: str = "") -> dict:
+    """FID, sFID, KID and precision/recall of ``generated`` against ``reference``; keys get ``suffix``."""
+    scores = compute_metrics(generated, reference, cfg.metrics.kid_subset_size, cfg.metrics.kid_subsets)
+    return {f"{k}{suffix}": v for k, v in scores.items()}
+
+
+def inception_scores(images: torch.Tensor, cfg: DictConfig, device) -> dict:
+    """Inception Score where weights with a classifier exist; None otherwise (never estimated)."""
+    return inception_score(images, cfg.metrics.isc_weights_path, device, cfg.metrics.batch_size) \
+        or {"isc": None, "isc_std": None}
+
+
+def pixel_errors(images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Mean per-image MSE (images in [0, 1]) and PSNR (dB) of ``images`` against same-seed ``reference``."""
+    diff = images.float().div(255) - reference.float().div(255)
+    mse = diff.pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(1 / mse.clamp_min(1e-10))
+    return {"mse_vs_fp": float(mse.mean()), "psnr_vs_fp": float(psnr.mean())}

@@ -1,0 +1,210 @@
+"""One PTQ job per config: ``python -m ptq4dm.run`` (add ``-m`` and comma lists to sweep the axes).
+
+config -> recipe (validated before anything is loaded) -> model and samplers -> full-precision samples
+(cached across jobs) -> calibration and quantized samples (the LightningModule) -> scores against the data
+and against the full-precision images -> results.json, ranges.csv, sample grids, W&B, a printed table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ptq4dm.data import load_cifar10
+from ptq4dm.diffusion import Sampler
+from ptq4dm.evaluation import SamplingModule, generate_images
+from ptq4dm.experiment.fp_cache import fp_cache_dir
+from ptq4dm.experiment.module import PTQModule
+from ptq4dm.experiment.recipe import AXES, recipe_from_config
+from ptq4dm.metrics import ImageStatistics, make_extractor
+from ptq4dm.metrics.reference import load_statistics, save_statistics
+from ptq4dm.metrics.scoring import (
+    image_statistics,
+    inception_scores,
+    metrics_device,
+    pixel_errors,
+    reference_from_config,
+    score,
+)
+from ptq4dm.models import load_diffusion_model
+from ptq4dm.utils.config import save_resolved_config
+from ptq4dm.utils.images import image_grid, save_grid
+from ptq4dm.utils.io import atomic_write_json, atomic_write_text
+from ptq4dm.utils.loggers import finish_logger, make_logger
+from ptq4dm.utils.table import markdown_table
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ["model", "fid", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp", "psnr_vs_fp"]
+
+
+def full_precision(cfg: DictConfig, unet, sampler: Sampler, extractor, reference, trainer_kwargs: dict):
+    """FP images, statistics and scores, from the shared cache when another job already made them."""
+    folder = fp_cache_dir(cfg)
+    module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision)
+    t0 = time.perf_counter()
+    images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, folder / "shards", trainer_kwargs)
+    if images is None:
+        return None, None, None
+    timing_file = folder / "timing.json"
+    if not timing_file.exists():
+        atomic_write_json(timing_file, {"sampling_seconds": time.perf_counter() - t0})
+    stats_file, scores_file = folder / "features.npz", folder / "scores.json"
+    if stats_file.exists():
+        stats = load_statistics(stats_file)
+    else:
+        stats = image_statistics(images, extractor, cfg.metrics.batch_size, "full precision")
+        save_statistics(stats, stats_file)
+    if scores_file.exists():
+        scores = json.loads(scores_file.read_text())
+    else:
+        scores = {**score(stats, reference, cfg), **inception_scores(images, cfg, extractor_device(extractor))}
+        atomic_write_json(scores_file, scores)
+    scores["sampling_seconds"] = json.loads(timing_file.read_text())["sampling_seconds"]
+    return images, stats, scores
+
+
+def extractor_device(extractor) -> torch.device:
+    return next(extractor.parameters()).device
+
+
+def ranges_csv(module: PTQModule) -> str:
+    buf = io.StringIO()
+    rows = [asdict(r) for r in module.ranges or []]
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def log_job(logger, cfg: DictConfig, results: dict, module: PTQModule, grids: dict) -> None:
+    if not logger:
+        return
+    logger.log_hyperparams({**results["axes"], "bits_weight": cfg.bits.weight, "bits_act": cfg.bits.act,
+                            "calib_samples": cfg.calib.num_samples, "eval_samples": cfg.eval.num_samples,
+                            "config": OmegaConf.to_container(cfg, resolve=True)})
+    flat = {f"{group}/{k}": v for group in ("fp", "quantized") for k, v in results[group].items()
+            if isinstance(v, (int, float)) and v is not None}
+    flat.update({f"time/{k}": v for k, v in results["timings"].items()})
+    logger.log_metrics(flat)
+    if type(logger).__name__ == "WandbLogger":
+        rows = [asdict(r) for r in module.ranges or []]
+        if rows:
+            logger.log_table("calibration/ranges", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        logger.log_image("samples", images=list(grids.values()), caption=list(grids))
+
+
+def run(cfg: DictConfig) -> dict:
+    recipe = recipe_from_config(cfg)  # validates every axis before anything heavy happens
+    out = Path(cfg.output_dir)
+    save_resolved_config(cfg, out)
+    torch.set_float32_matmul_precision("high")
+    device = metrics_device(cfg.trainer)
+    model = load_diffusion_model(cfg.model.pretrained)
+    sampler = Sampler(model.scheduler, **cfg.sampler)
+    calib_sampler = Sampler(model.scheduler, **recipe.calib_sampler)
+    calib_images = None
+    if recipe.calibration.source.needs_images:
+        calib_images = load_cifar10(cfg.data.root, cfg.data.split, cfg.data.format, cfg.data.cache_dir).images
+    extractor = make_extractor(device, cfg.metrics.inception_path)
+    reference = reference_from_config(cfg, extractor)
+    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
+
+    fp_images, fp_stats, fp_scores = full_precision(cfg, model.unet, sampler, extractor, reference, trainer_kwargs)
+    if fp_images is None:
+        return {}  # a non-zero DDP rank
+    module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
+                       progress=bool(cfg.progress))
+    t0 = time.perf_counter()
+    q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
+    if q_images is None:
+        return {}
+    q_seconds = time.perf_counter() - t0 - module.timings.get("calibration_seconds", 0.0)
+    q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")
+    q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
+                **score(q_stats, fp_stats, cfg, suffix="_vs_fp"), **pixel_errors(q_images, fp_images),
+                "sampling_seconds": q_seconds}
+
+    results = {
+        "status": "ok",
+        "axes": recipe.axes,
+        "fp": fp_scores,
+        "quantized": q_scores,
+        "timings": {**module.timings, "sampling_seconds_fp": fp_scores["sampling_seconds"],
+                    "sampling_seconds_quantized": q_seconds},
+        "num_samples": cfg.eval.num_samples,
+        "num_calibration_samples": cfg.calib.num_samples,
+        "calibration_timesteps": module.calibration_set.t.tolist() if module.ranges else None,
+        "reference": f"{reference.name} ({reference.num_images} images)",
+        "seed": cfg.seed,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "ranges.csv", ranges_csv(module))
+    n = cfg.eval.grid_size
+    grids = {"full precision": image_grid(fp_images[:n]), "quantized": image_grid(q_images[:n])}
+    for name, grid in grids.items():
+        grid.save(out / f"samples_{name.replace(' ', '_')}.png")
+
+    rows = [{"model": "full precision", **fp_scores}, {"model": f"quantized ({recipe.axes['bits']})", **q_scores}]
+    print(f"\n{' | '.join(f'{k}={v}' for k, v in recipe.axes.items())} | {cfg.eval.num_samples} samples, "
+          f"{cfg.calib.num_samples} calibration samples, calibration "
+          f"{module.timings.get('calibration_seconds', float('nan')):.1f} s\n{markdown_table(rows, HEADLINE)}\n")
+    logger = make_logger(cfg.logger, **wandb_names(cfg))
+    try:
+        log_job(logger, cfg, results, module, grids)
+    finally:
+        finish_logger(logger)
+    return results
+
+
+def wandb_names(cfg: DictConfig) -> dict:
+    """Run name and sweep group for W&B (ignored by other loggers)."""
+    if OmegaConf.select(cfg, "logger._target_", default="") != "pytorch_lightning.loggers.WandbLogger":
+        return {}
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {"name": hc.job.override_dirname or "default",
+            "group": f"sweep {hc.sweep.dir}" if multirun else None, "job_type": "ptq"}
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    out = Path(cfg.output_dir)
+    atomic_write_json(out / "results.json", {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                             "traceback": traceback.format_exc(), "axes": _axes_or_empty(cfg)})
+
+
+def _axes_or_empty(cfg: DictConfig) -> dict:
+    """The axis choices as far as the config says them (it may be the config that failed)."""
+    axes = {k: OmegaConf.select(cfg, f"{k}.name", default=None) for k in AXES}
+    axes["sampler"] = f"{OmegaConf.select(cfg, 'sampler.name')}-{OmegaConf.select(cfg, 'sampler.steps')}"
+    return axes
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except Exception as err:
+        record_failure(cfg, err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep
+            log.error("job failed: %s (details in %s/results.json)", err, cfg.output_dir)
+            return
+        raise
+
+
+if __name__ == "__main__":
+    main()

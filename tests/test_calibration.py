@@ -1,0 +1,156 @@
+"""Calibration sets, time-step distributions and range search."""
+
+import numpy as np
+import pytest
+import torch
+
+from ptq4dm.calibration import (
+    CosineDistance,
+    Gaussian,
+    KLDivergence,
+    LpDistance,
+    MinMax,
+    PearsonDistance,
+    Percentile,
+    RandomSteps,
+    Single,
+    Trajectory,
+    Uniform,
+    build_calibration_set,
+)
+from ptq4dm.calibration.search import search_range
+from ptq4dm.diffusion import Sampler, seeded_generators
+from ptq4dm.models import build_noise_scheduler, build_unet
+from ptq4dm.quant import Quantizer, QuantSpec
+
+
+# --- range search -------------------------------------------------------------------------------------------
+
+def _outlier_data(n=20000, seed=0):
+    """Uniform [-1, 1] plus 0.01% outliers at +-12: clipping them is right for every distance-like metric."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, n, generator=g) * 2 - 1
+    x[0, : n // 10000] = 12.0
+    x[0, n // 10000: n // 5000] = -12.0
+    return x
+
+
+def _brute_force(x, spec, score_fn, K=100):
+    """An independent NumPy search over the same candidate grid."""
+    xs = x.numpy().ravel().astype(np.float64)
+    best, best_alpha = np.inf, None
+    for alpha in np.linspace(1.0, 1.0 / K, K):
+        amax = alpha * max(-xs.min(), xs.max())
+        scale = amax / spec.qmax
+        xq = np.clip(np.round(xs / scale), spec.qmin, spec.qmax) * scale
+        s = score_fn(xs, xq)
+        if s < best:
+            best, best_alpha = s, alpha
+    return best_alpha * max(-xs.min(), xs.max())
+
+
+NUMPY_SCORES = {
+    "mse": (LpDistance(2.0), lambda x, q: np.mean((x - q) ** 2)),
+    "lp2.4": (LpDistance(2.4), lambda x, q: np.mean(np.abs(x - q) ** 2.4)),
+    "l1": (LpDistance(1.0), lambda x, q: np.mean(np.abs(x - q))),
+    "cosine": (CosineDistance(), lambda x, q: 1 - x @ q / (np.linalg.norm(x) * np.linalg.norm(q))),
+    "pearson": (PearsonDistance(), lambda x, q: 1 - np.corrcoef(x, q)[0, 1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_SCORES))
+def test_search_finds_the_best_candidate(name):
+    metric, numpy_score = NUMPY_SCORES[name]
+    spec = QuantSpec(4, symmetric=True)
+    x = _outlier_data()
+    lo, hi, score, minmax_score = search_range(x, x.min(1).values, x.max(1).values, Quantizer(spec), metric, 100)
+    expected = _brute_force(x, spec, numpy_score)
+    assert float(hi) == pytest.approx(expected, rel=0.03)  # the same candidate (grid step 1%)
+    assert float(hi) < 6  # and the outliers are clipped
+    assert float(score) <= float(minmax_score)
+
+
+def test_kl_clips_outliers_of_a_half_gaussian():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 50000, generator=g).abs()  # one-sided, like activations after a ReLU-like function
+    x[0, :20] = 30.0
+    lo, hi, score, base = search_range(x, x.min(1).values, x.max(1).values, Quantizer(QuantSpec(8)),
+                                       KLDivergence(), 100)
+    assert 2.5 < float(hi) < 12  # keeps the bulk, drops the far outliers
+    assert float(score) < float(base)
+
+
+def test_fixed_range_rules():
+    x = _outlier_data()
+    lo, hi, score, _ = search_range(x, x.min(1).values, x.max(1).values, Quantizer(QuantSpec(8)), MinMax(), 100)
+    assert (float(lo), float(hi), score) == (-12.0, 12.0, None)
+    lo, hi, _, _ = search_range(x, x.min(1).values, x.max(1).values, Quantizer(QuantSpec(8)), Percentile(99.0), 100)
+    assert float(hi) == pytest.approx(np.percentile(x.numpy(), 99.0), abs=1e-3)
+    assert float(lo) == pytest.approx(np.percentile(x.numpy(), 1.0), abs=1e-3)
+
+
+def test_per_channel_search_keeps_channels_apart():
+    x = torch.stack([torch.linspace(-1, 1, 1000), torch.linspace(-8, 8, 1000)])
+    lo, hi, _, _ = search_range(x, x.amin(1), x.amax(1), Quantizer(QuantSpec(8, per_channel=True), 2),
+                                LpDistance(2.0), 100)
+    assert float(hi[0]) == pytest.approx(1.0, rel=0.02) and float(hi[1]) == pytest.approx(8.0, rel=0.02)
+
+
+# --- time steps -----------------------------------------------------------------------------------------------
+
+ALL_STEPS = torch.arange(999, -1, -1)  # a sampler that visits every t
+
+
+@pytest.mark.parametrize("mean,std", [(0.4, 0.4), (0.5, 0.05), (0.2, 0.1)])
+def test_ndtc_time_steps_have_the_configured_mean_and_spread(mean, std):
+    steps = Gaussian(mean, std).draw(200_000, ALL_STEPS, 1000, torch.Generator().manual_seed(0))
+    t = ALL_STEPS[steps].double()
+    # The same law from NumPy: N(mean*T, std*T), rounded down, clamped to [0, T-1].
+    ref = np.clip(np.floor(np.random.default_rng(1).normal(mean * 1000, std * 1000, 200_000)), 0, 999)
+    assert float(t.mean()) == pytest.approx(ref.mean(), abs=3)
+    assert float(t.std()) == pytest.approx(ref.std(), abs=3)
+    if std <= 0.1:  # little clamping: the configured moments themselves
+        assert float(t.mean()) == pytest.approx(mean * 1000, abs=3)
+        assert float(t.std()) == pytest.approx(std * 1000, abs=3)
+
+
+def test_time_steps_are_always_the_samplers_own():
+    sampler = Sampler(build_noise_scheduler(), "ddim", steps=10)  # respaced: 900, 800, ..., 0
+    allowed = set(sampler.timesteps.tolist())
+    g = torch.Generator().manual_seed(0)
+    for dist in (Gaussian(0.4, 0.4), Uniform(), RandomSteps(), Single(0.33)):
+        t = sampler.timesteps[dist.draw(500, sampler.timesteps, 1000, g)]
+        assert set(t.tolist()) <= allowed
+    uniform = Uniform().draw(50, sampler.timesteps, 1000, g)
+    assert torch.bincount(uniform).tolist() == [5] * 10
+    assert set(sampler.timesteps[Single(0.33).draw(7, sampler.timesteps, 1000, g)].tolist()) == {300}
+
+
+def test_bad_distribution_parameters_name_the_key():
+    with pytest.raises(ValueError, match="calib.timesteps.std=0"):
+        Gaussian(0.4, 0)
+    with pytest.raises(ValueError, match="calib.timesteps.mean=1.5"):
+        Gaussian(1.5, 0.4)
+
+
+# --- calibration inputs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,steps", [("ddim", 10), ("ddpm", 8)])
+def test_calibration_inputs_are_the_samplers_trajectory_states(name, steps):
+    torch.manual_seed(0)
+    unet = build_unet((32, 64, 64, 64), 8).eval()
+    sampler = Sampler(build_noise_scheduler(), name, steps=steps, eta=0.0)
+    denoise = lambda x, t: unet(x, t.expand(x.shape[0])).sample  # noqa: E731
+    with torch.no_grad():
+        calib = build_calibration_set(denoise, sampler, Gaussian(0.4, 0.4), Trajectory(), 12, (3, 32, 32),
+                                      seed=5, batch_size=5)
+    assert torch.equal(calib.t, sampler.timesteps[calib.step_index])
+    for i in (0, 3, 11):  # replay sample i's own trajectory alone and look at the state at its step
+        gens = seeded_generators(5, [i])
+        seen = {}
+        with torch.no_grad():
+            sampler.sample(denoise, sampler.initial_noise(gens, (3, 32, 32), "cpu"), gens,
+                           on_step=lambda k, t, x: seen.setdefault(k, (int(t), x.clone())))
+        t, x = seen[int(calib.step_index[i])]
+        assert t == int(calib.t[i])
+        torch.testing.assert_close(calib.x[i], x[0], rtol=1e-3, atol=1e-3)  # batch-size round-off only

@@ -1,0 +1,44 @@
+"""The signature sweep through the real CLI, on the embedded tiny model at toy sizes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+SMALL = ["sampler.steps=5", "eval.num_samples=8", "eval.batch_size=8", "calib.num_samples=8", "calib.batch_size=8",
+         "metric.num_candidates=20", "metric.max_values=4096", "metrics.kid_subset_size=4", "progress=false"]
+
+
+def test_two_by_two_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,uniform_ts", "metric=mse,kl", *SMALL,
+           f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(4)]
+    assert all(r["status"] == "ok" for r in results)
+    assert {(r["axes"]["calib"], r["axes"]["metric"]) for r in results} == {
+        ("gaussian_ts", "mse"), ("gaussian_ts", "kl"), ("uniform_ts", "mse"), ("uniform_ts", "kl")}
+    for r in results:
+        assert r["quantized"]["fid"] > 0 and r["quantized"]["psnr_vs_fp"] > 10
+        assert r["fp"] == results[0]["fp"]  # one FP sample set, shared by the sweep
+    assert len(list((tmp_path / "fp").glob("*/shards/shard-*.pt"))) == 1
+    # The calibration sets differ between the time-step distributions, as configured.
+    assert results[0]["calibration_timesteps"] != results[2]["calibration_timesteps"]
+
+    runs = sorted(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 4
+
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {"calib", "metric", "fid", "fp_fid", "psnr_vs_fp"} <= set(rows[0])
+    assert "ops" not in rows[0]  # only the varied axes get a column
+    assert "| calib" in (sweep / "summary.md").read_text()
+    for i in range(4):
+        assert (sweep / str(i) / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
+        assert (sweep / str(i) / "config.yaml").exists()
