@@ -42,3 +42,19 @@ def test_two_by_two_multirun(tmp_path):
     for i in range(4):
         assert (sweep / str(i) / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
         assert (sweep / str(i) / "config.yaml").exists()
+
+
+def test_table1_job_quantizes_sampler_outputs(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ptq4dm.run import run
+    from ptq4dm.utils.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=[*SMALL, "ops=table1_all", "sampler=ddpm", "logger=none",
+                                        f"output_dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}"])
+    results = run(cfg)
+    assert results["status"] == "ok" and results["axes"]["ops"] == "table1_all"
+    ranges = (tmp_path / "job" / "ranges.csv").read_text()
+    for name in ("sampler.mean", "sampler.variance", "sampler.x_prev"):
+        assert name in ranges

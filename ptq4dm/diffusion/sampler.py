@@ -74,11 +74,12 @@ class Sampler:
     def sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
                generators: list[torch.Generator] | None = None,
                on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-               num_steps: int | None = None) -> torch.Tensor:
+               num_steps: int | None = None, output_quantizer=None) -> torch.Tensor:
         """Run the reverse process from ``noise``; returns x_0 in [-1, 1] (or x after ``num_steps`` steps).
 
         ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input exactly
-        as the network gets it. A fresh copy of the scheduler state is used, so a Sampler is reusable.
+        as the network gets it. ``output_quantizer`` (a SamplerOutputQuantizer) quantizes the step's mean,
+        variance and x_{t-1}. A fresh copy of the scheduler state is used, so a Sampler is reusable.
         """
         scheduler = self._fresh_scheduler()
         x = noise * scheduler.init_noise_sigma
@@ -87,6 +88,9 @@ class Sampler:
             if on_step is not None:
                 on_step(i, t, model_input)
             eps = model(model_input, t.to(x.device))
+            if output_quantizer is not None:
+                x = output_quantizer.step(scheduler, eps, t, x, self._step_kwargs, generators)
+                continue
             kwargs = dict(self._step_kwargs)
             if self._takes_generator and generators is not None:
                 kwargs["generator"] = generators

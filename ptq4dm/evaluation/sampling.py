@@ -44,6 +44,7 @@ class SamplingModule(pl.LightningModule):
         if precision not in _DTYPES:
             raise ValueError(f"eval.precision={precision!r} is not one of {sorted(_DTYPES)}")
         self.unet, self.sampler, self.seed, self.precision = unet, sampler, seed, precision
+        self.output_quantizer = None  # quantizes the sampler's own outputs (PTQ4DM Table 1), if set
         config = getattr(unet, "config", None)
         self.image_shape = image_shape or (config.in_channels, config.sample_size, config.sample_size)
 
@@ -57,7 +58,7 @@ class SamplingModule(pl.LightningModule):
         indices = indices.cpu()
         generators = seeded_generators(self.seed, indices.tolist())
         noise = self.sampler.initial_noise(generators, self.image_shape, self.device)
-        x = self.sampler.sample(self.denoise, noise, generators)
+        x = self.sampler.sample(self.denoise, noise, generators, output_quantizer=self.output_quantizer)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"non-finite values in sampled images {indices[0]}..{indices[-1]}")
         return {"indices": indices, "images": to_uint8(x).cpu()}

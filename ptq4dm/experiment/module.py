@@ -16,10 +16,13 @@ from torch import nn
 
 from ptq4dm.api import as_denoiser
 from ptq4dm.calibration import RangeChoice, calibrate_
-from ptq4dm.diffusion import Sampler
+from ptq4dm.calibration.observer import ValueSample
+from ptq4dm.calibration.search import search_range
+from ptq4dm.diffusion import Sampler, seeded_generators
 from ptq4dm.evaluation.sampling import SamplingModule
 from ptq4dm.experiment.recipe import PTQRecipe
 from ptq4dm.quant import quantize_
+from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 
 
 class PTQModule(SamplingModule):
@@ -32,6 +35,8 @@ class PTQModule(SamplingModule):
         self.calib_sampler, self.recipe, self.calib_images, self.progress = calib_sampler, recipe, calib_images, progress
         self.ranges: list[RangeChoice] | None = None
         self.timings: dict[str, float] = {}
+        if recipe.quant.sampler_outputs:
+            self.output_quantizer = SamplerOutputQuantizer(recipe.quant.sampler_outputs, recipe.quant.act_spec())
 
     def on_predict_start(self) -> None:
         if self.ranges is None:
@@ -46,6 +51,8 @@ class PTQModule(SamplingModule):
         t1 = time.perf_counter()
         self.ranges = calibrate_(self.unet, as_denoiser(self.unet), calib_set, self.recipe.search,
                                  self.recipe.calibration.batch_size, self.progress)
+        if self.output_quantizer is not None:
+            self.ranges += self.calibrate_sampler_outputs(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -53,3 +60,28 @@ class PTQModule(SamplingModule):
                         "range_search_seconds": t2 - t1}
         self.calibration_set = calib_set
         return self.ranges
+
+    def calibrate_sampler_outputs(self, device, max_trajectories: int = 64) -> list[RangeChoice]:
+        """Ranges of the sampler's mean, variance and x_{t-1}, from full-precision trajectories."""
+        quantizers = self.output_quantizer.quantizers
+        for i, q in enumerate(quantizers.values()):
+            q.observer = ValueSample(self.recipe.search.max_values, seed=i)
+        n = min(self.recipe.calibration.num_samples, max_trajectories)
+        generators = seeded_generators(self.recipe.calibration.seed + 1, range(n))
+        noise = self.sampler.initial_noise(generators, self.image_shape, device)
+        try:
+            self.sampler.sample(as_denoiser(self.fp_unet), noise, generators, output_quantizer=self.output_quantizer)
+        finally:
+            observers = {name: q.observer for name, q in quantizers.items()}
+            for q in quantizers.values():
+                q.observer = None
+        choices = []
+        for name, q in quantizers.items():
+            obs = observers[name]
+            lo, hi, score, base = search_range(obs.values(), obs.min.reshape(1), obs.max.reshape(1), q,
+                                               self.recipe.search.metric, self.recipe.search.num_candidates)
+            q.set_range(lo, hi)
+            choices.append(RangeChoice(f"sampler.{name}", "sampler output", q.spec.bits, float(lo), float(hi),
+                                       float(obs.min), float(obs.max), None if score is None else float(score),
+                                       None if base is None else float(base)))
+        return choices

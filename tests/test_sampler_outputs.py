@@ -1,0 +1,48 @@
+"""Quantizing the sampler's mean, variance and x_{t-1} (PTQ4DM Table 1)."""
+
+import pytest
+import torch
+
+from ptq4dm.diffusion import Sampler, seeded_generators
+from ptq4dm.models import build_noise_scheduler, build_unet
+from ptq4dm.quant import QuantSpec
+from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
+
+
+@pytest.fixture(scope="module")
+def denoise():
+    torch.manual_seed(0)
+    unet = build_unet((32, 64, 64, 64), 8).eval()
+    return lambda x, t: unet(x, t.expand(x.shape[0])).sample
+
+
+def _sample(sampler, denoise, outq=None, seed=3):
+    gens = seeded_generators(seed, range(3))
+    with torch.no_grad():
+        return sampler.sample(denoise, sampler.initial_noise(gens, (3, 32, 32), "cpu"), gens, output_quantizer=outq)
+
+
+@pytest.mark.parametrize("name,eta", [("ddpm", 0.0), ("ddim", 0.7), ("ddim", 0.0)])
+def test_decomposed_step_reproduces_the_scheduler(denoise, name, eta):
+    """Uncalibrated quantizers pass through, so mean + sigma * z must rebuild the scheduler's own x_{t-1}."""
+    sampler = Sampler(build_noise_scheduler(), name, steps=6, eta=eta)
+    outq = SamplerOutputQuantizer(("mean", "variance", "x_prev"), QuantSpec(8))
+    torch.testing.assert_close(_sample(sampler, denoise, outq), _sample(sampler, denoise), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_outputs_change_the_images_a_little(denoise):
+    sampler = Sampler(build_noise_scheduler(), "ddpm", steps=6)
+    outq = SamplerOutputQuantizer(("mean", "x_prev"), QuantSpec(4))
+    for q in outq.quantizers.values():
+        q.set_range(-4.0, 4.0)
+    plain, quantized = _sample(sampler, denoise), _sample(sampler, denoise, outq)
+    assert not torch.equal(plain, quantized)
+    assert (plain - quantized).abs().mean() < 0.5
+    levels = torch.unique(quantized)  # x_prev on a 4-bit grid (then clamped to [-1, 1] by the sampler)
+    assert len(levels) <= 16
+
+
+def test_unsupported_sampler_is_refused(denoise):
+    sampler = Sampler(build_noise_scheduler(), "pndm", steps=6)
+    with pytest.raises(ValueError, match="ddim or ddpm"):
+        _sample(sampler, denoise, SamplerOutputQuantizer(("mean",), QuantSpec(8)))
