@@ -154,3 +154,14 @@ def test_calibration_inputs_are_the_samplers_trajectory_states(name, steps):
         t, x = seen[int(calib.step_index[i])]
         assert t == int(calib.t[i])
         torch.testing.assert_close(calib.x[i], x[0], rtol=1e-3, atol=1e-3)  # batch-size round-off only
+
+
+def test_value_sample_represents_early_and_late_calls_alike():
+    from ptq4dm.calibration.observer import ValueSample
+
+    obs = ValueSample(budget=1000, seed=0)
+    for step in range(100):  # e.g. one call per sampler step
+        obs(torch.full((4096,), float(step)))
+    counts = torch.bincount(obs.values()[0].long(), minlength=100).view(10, 10).sum(1)
+    assert counts.min() > 0.6 * counts.float().mean()  # each tenth of the calls holds about a tenth
+    assert float(obs.min) == 0.0 and float(obs.max) == 99.0

@@ -58,3 +58,21 @@ def test_table1_job_quantizes_sampler_outputs(tmp_path):
     ranges = (tmp_path / "job" / "ranges.csv").read_text()
     for name in ("sampler.mean", "sampler.variance", "sampler.x_prev"):
         assert name in ranges
+
+
+def test_bad_values_stop_before_any_model_is_loaded(monkeypatch):
+    import pytest
+    from hydra import compose, initialize_config_dir
+
+    import ptq4dm.run as run_module
+    from ptq4dm.utils.config import CONF_DIR
+
+    monkeypatch.setattr(run_module, "load_diffusion_model", lambda *a, **k: pytest.fail("model was loaded"))
+    cases = {"bits.weight=1": "bits.weight=1", "calib.timesteps.std=0": "calib.timesteps.std=0",
+             "calib.num_samples=0": "calib.num_samples=0", "sampler.steps=5000": "sampler.steps=5000",
+             "ops=table1_variance": "sampler.eta"}
+    for override, message in cases.items():
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("run", overrides=[override, "logger=none", "output_dir=/nonexistent"])
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+            run_module.run(cfg)

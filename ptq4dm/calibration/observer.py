@@ -8,13 +8,16 @@ import torch
 class ValueSample:
     """Keeps the exact min/max and a uniform random sample of at most ``budget`` values (per channel if asked).
 
-    ``channel_axis`` None pools the whole tensor; otherwise values are kept per slice along that axis.
+    Each call contributes a random subset of its values together with how many values each kept one stands
+    for, and the final sample is drawn in proportion to that, so early and late calls (early and late
+    sampler steps, say) are represented as often as they were seen. ``channel_axis`` None pools the tensor.
     """
 
     def __init__(self, budget: int = 65536, channel_axis: int | None = None, seed: int = 0):
         self.budget, self.channel_axis = budget, channel_axis
         self.generator = torch.Generator().manual_seed(seed)
         self.parts: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []  # values represented by each kept value
         self.count = 0
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
@@ -35,17 +38,24 @@ class ValueSample:
         take = min(rows.shape[1], self.budget)
         idx = torch.randperm(rows.shape[1], generator=self.generator)[:take].to(rows.device)
         self.parts.append(rows[:, idx])
+        self.weights.append(torch.full((take,), rows.shape[1] / take))
         self.count += take
         if self.count > 4 * self.budget:  # keep memory bounded: thin out what has been kept so far
-            self.parts = [self.values()]
-            self.count = self.parts[0].shape[1]
+            values, represented = self._draw()
+            self.parts, self.weights, self.count = [values], [represented], values.shape[1]
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """About ``budget`` values, each kept with probability proportional to what it stands for (Poisson
+        sampling); the survivors' weights are divided by their keep probability, so totals stay unbiased."""
+        values, weights = torch.cat(self.parts, dim=1), torch.cat(self.weights)
+        if values.shape[1] <= self.budget:
+            return values, weights
+        p = (weights * self.budget / weights.sum()).clamp(max=1.0)
+        keep = torch.rand(len(p), generator=self.generator) < p
+        return values[:, keep.to(values.device)], weights[keep] / p[keep]
 
     def values(self) -> torch.Tensor:
         """(channels, n) sample of the observed values (channels is 1 when pooled)."""
         if not self.parts:
             raise RuntimeError("observer saw no data")
-        allv = torch.cat(self.parts, dim=1)
-        if allv.shape[1] > self.budget:
-            keep = torch.randperm(allv.shape[1], generator=self.generator)[: self.budget].to(allv.device)
-            allv = allv[:, keep]
-        return allv
+        return self._draw()[0]

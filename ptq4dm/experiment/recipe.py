@@ -50,6 +50,17 @@ def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int
     return sampler
 
 
+def check_sampler_outputs(outputs: tuple[str, ...], sampler: dict) -> None:
+    """Sampler-output quantization needs a DDPM/DDIM step, and a variance only exists in a stochastic one."""
+    if not outputs:
+        return
+    if sampler["name"] not in ("ddim", "ddpm"):
+        raise ValueError(f"ops.sampler_outputs={list(outputs)} needs sampler ddim or ddpm, not {sampler['name']!r}")
+    if "variance" in outputs and sampler["name"] == "ddim" and not sampler.get("eta", 0) > 0:
+        raise ValueError(f"ops.sampler_outputs includes variance, but sampler=ddim with sampler.eta="
+                         f"{sampler.get('eta', 0)} adds no noise: use sampler=ddpm or sampler.eta > 0")
+
+
 def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     ops, bits = cfg.ops, cfg.bits
     T = cfg.model.scheduler.num_train_timesteps
@@ -63,6 +74,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         weight_per_channel=bits.weight_per_channel, act_symmetric=bits.act_symmetric, conv=ops.conv,
         linear=ops.linear, attn_matmul=ops.attn_matmul, first_last_bits=ops.first_last_bits,
         shortcut_split=ops.shortcut_split, exclude=tuple(ops.exclude), sampler_outputs=tuple(ops.sampler_outputs))
+    check_sampler_outputs(quant.sampler_outputs, sampler)
     calibration = CalibrationRecipe(
         timesteps=_instantiate(cfg.calib.timesteps, "calib.timesteps", TimestepDistribution),
         source=_instantiate(cfg.calib.source, "calib.source", CalibrationSource),

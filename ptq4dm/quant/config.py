@@ -14,7 +14,7 @@ class QuantConfig:
     """Bit-widths and the operations that are quantized.
 
     ``weight_bits`` / ``act_bits`` of None leave weights / activations in full precision. ``first_last_bits``
-    overrides both for the first and last quantized layers (8 in the PTQ4DM reference code). ``exclude`` holds
+    raises both to at least that width for the first and last quantized layers (8 in the PTQ4DM reference code). ``exclude`` holds
     fnmatch patterns of module names left in full precision. ``sampler_outputs`` lists the sampler quantities
     quantized at ``act_bits`` (PTQ4DM Table 1): any of mean, variance, x_prev.
     """
@@ -47,13 +47,13 @@ class QuantConfig:
             raise ValueError("attn_matmul=true needs act_bits: the matmul operands are activations")
 
     def weight_spec(self, bits: int | None = None) -> QuantSpec | None:
-        """Weights' spec; ``bits`` overrides the width (edge layers) but never turns quantization on."""
+        """Weights' spec; ``bits`` raises the width (edge layers) but never turns quantization on."""
         if self.weight_bits is None:
             return None
-        return QuantSpec(bits or self.weight_bits, self.weight_symmetric, self.weight_per_channel)
+        return QuantSpec(max(bits or 0, self.weight_bits), self.weight_symmetric, self.weight_per_channel)
 
     def act_spec(self, bits: int | None = None) -> QuantSpec | None:
-        """Activations' spec; ``bits`` overrides the width but never turns quantization on."""
+        """Activations' spec; ``bits`` raises the width but never turns quantization on."""
         if self.act_bits is None:
             return None
-        return QuantSpec(bits or self.act_bits, self.act_symmetric, per_channel=False)
+        return QuantSpec(max(bits or 0, self.act_bits), self.act_symmetric, per_channel=False)

@@ -30,15 +30,16 @@ class QuantLayer(nn.Module):
             raise ValueError(f"split={split} outside the layer's {self.layer.weight.shape[1]} input channels")
         self.split, parts = split, 2 if split else 1
         out_channels = self.layer.weight.shape[0]
+        device = self.layer.weight.device  # split after the model moved to its device: follow it
         self.weight_quantizers = nn.ModuleList(
-            [Quantizer(self.weight_spec, out_channels) for _ in range(parts)] if self.weight_spec else [])
+            [Quantizer(self.weight_spec, out_channels).to(device) for _ in range(parts)] if self.weight_spec else [])
         self.input_quantizers = nn.ModuleList(
-            [Quantizer(self.activation_spec, axis=1) for _ in range(parts)] if self.activation_spec else [])
+            [Quantizer(self.activation_spec, axis=1).to(device) for _ in range(parts)] if self.activation_spec else [])
         self._frozen_weight = None
 
     # The weight as the layer computes with it: quantized part by part along the input channels.
     def quantized_weight(self) -> torch.Tensor:
-        if self._frozen_weight is not None:
+        if self._frozen_weight is not None and all(q.enabled for q in self.weight_quantizers):
             return self._frozen_weight
         w = self.layer.weight
         if not self.weight_quantizers:
