@@ -41,13 +41,7 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if self._frozen_weight is not None and all(q.enabled for q in self.weight_quantizers):
             return self._frozen_weight
-        w = self.layer.weight
-        if not self.weight_quantizers:
-            return w
-        if not self.split:
-            return self.weight_quantizers[0](w)
-        return torch.cat([self.weight_quantizers[0](w[:, : self.split]),
-                          self.weight_quantizers[1](w[:, self.split:])], dim=1)
+        return self._by_part(self.weight_quantizers, self.layer.weight)
 
     def freeze_weight(self) -> None:
         """Quantize the weight once, after calibration, instead of at every call."""
@@ -58,16 +52,16 @@ class QuantLayer(nn.Module):
     def unfreeze_weight(self) -> None:
         self._frozen_weight = None
 
-    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_quantizers:
-            return x
+    def _by_part(self, quantizers: nn.ModuleList, t: torch.Tensor) -> torch.Tensor:
+        """Quantize ``t`` (a weight or an input; channels on dim 1) with one quantizer per input part."""
+        if not quantizers:
+            return t
         if not self.split:
-            return self.input_quantizers[0](x)
-        return torch.cat([self.input_quantizers[0](x[:, : self.split]),
-                          self.input_quantizers[1](x[:, self.split:])], dim=1)
+            return quantizers[0](t)
+        return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._quantize_input(x)
+        x = self._by_part(self.input_quantizers, x)
         w = self.quantized_weight()
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w.to(x.dtype), self.layer.bias)
