@@ -67,7 +67,7 @@ class DiffusionTraining(pl.LightningModule):
             self.log("train/images_per_sec", rate, prog_bar=True)
             if self.global_step % self.hparams.print_every == 0:  # a plain line for logs without a progress bar
                 log.info("step %d images %d loss %.4f %.0f img/s train time %.0f s", self.global_step,
-                         int(self.images_seen), float(loss), rate, float(self.train_seconds))
+                         int(self.images_seen), float(loss.detach()), rate, float(self.train_seconds))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
