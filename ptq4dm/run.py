@@ -8,6 +8,7 @@ and against the full-precision images -> results.json, ranges.csv, sample grids,
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -107,8 +108,28 @@ def log_job(logger, cfg: DictConfig, results: dict, module: PTQModule, grids: di
         logger.log_image("samples", images=list(grids.values()), caption=list(grids))
 
 
+def config_digest(cfg: DictConfig) -> str:
+    """What a job computes, as a hash: the resolved config without where it writes and how it reports."""
+    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in ("output_dir", "progress", "force", "logger")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_results(cfg: DictConfig) -> dict | None:
+    """The results of this very job from an earlier run (same resolved config), if it finished."""
+    path = Path(cfg.output_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if results.get("status") == "ok" and results.get("config_digest") == config_digest(cfg) else None
+
+
 def run(cfg: DictConfig) -> dict:
     recipe = recipe_from_config(cfg)  # validates every axis before anything heavy happens
+    if not cfg.force and (done := finished_results(cfg)):
+        log.info("already done with the same config: %s/results.json (force=true recomputes)", cfg.output_dir)
+        return done
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
     torch.set_float32_matmul_precision("high")
@@ -140,6 +161,7 @@ def run(cfg: DictConfig) -> dict:
 
     results = {
         "status": "ok",
+        "config_digest": config_digest(cfg),
         "axes": recipe.axes,
         "fp": fp_scores,
         "quantized": q_scores,

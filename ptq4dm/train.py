@@ -23,6 +23,7 @@ from ptq4dm.models import (
     save_diffusion_model,
 )
 from ptq4dm.training import DeviceResidentImages, DiffusionTraining
+from ptq4dm.utils.checkpoints import load_checkpoint
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.loggers import finish_logger, make_logger
 
@@ -60,7 +61,10 @@ def train(cfg: DictConfig) -> dict:
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=logger, callbacks=[checkpointing],
                          enable_checkpointing=True)
     resume = ckpt_dir / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None)
+    if resume.exists():
+        load_checkpoint(resume, trusted=cfg.train.trust_checkpoint, trust_key="train.trust_checkpoint")  # vet it
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.exists() else None,
+                weights_only=not cfg.train.trust_checkpoint)
     trainer.save_checkpoint(resume)
 
     summary = {

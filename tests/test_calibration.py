@@ -165,3 +165,30 @@ def test_value_sample_represents_early_and_late_calls_alike():
     counts = torch.bincount(obs.values()[0].long(), minlength=100).view(10, 10).sum(1)
     assert counts.min() > 0.6 * counts.float().mean()  # each tenth of the calls holds about a tenth
     assert float(obs.min) == 0.0 and float(obs.max) == 99.0
+
+
+def test_a_planted_nan_is_caught_and_its_layer_named():
+    from ptq4dm.api import as_denoiser
+    from ptq4dm.calibration import RangeSearch, calibrate_
+    from ptq4dm.calibration.calibset import CalibrationSet
+    from ptq4dm.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    unet = quantize_(build_unet((32, 64, 64, 64), 8).eval(), QuantConfig())
+    with torch.no_grad():  # poison one layer's bias: the next quantized layer (attention's to_q) sees NaN
+        unet.down_blocks[1].resnets[0].conv2.layer.bias[0] = float("nan")
+    calib = CalibrationSet(torch.randn(4, 3, 32, 32), torch.tensor([10, 200, 500, 900]), torch.zeros(4))
+    with pytest.raises(FloatingPointError, match=r"of down_blocks\.1\.attentions\.0\.to_q\.input"):
+        calibrate_(unet, as_denoiser(unet), calib, RangeSearch(), batch_size=4, progress=False)
+
+
+def test_a_nan_during_sampling_names_the_step():
+    sampler = Sampler(build_noise_scheduler(), "ddim", steps=5)
+    calls = []
+
+    def breaks_at_third_call(x, t):
+        calls.append(int(t))
+        return torch.full_like(x, float("nan")) if len(calls) == 3 else torch.zeros_like(x)
+
+    with pytest.raises(FloatingPointError, match=r"step 2 \(t=400\)"):
+        sampler.sample(breaks_at_third_call, torch.randn(2, 3, 8, 8))

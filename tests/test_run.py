@@ -43,6 +43,18 @@ def test_two_by_two_multirun(tmp_path):
         assert (sweep / str(i) / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
         assert (sweep / str(i) / "config.yaml").exists()
 
+    # Re-running the same sweep skips every finished job: no results rewritten, no new W&B run, no sampling.
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
+    shards = {p: p.stat().st_mtime_ns for p in sweep.glob("*/samples/shard-*.pt")}
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already done with the same config") + again.stdout.count(
+        "already done with the same config") == 4
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("*/samples/shard-*.pt")} == shards
+    assert len(list(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))) == 4
+    assert (sweep / "summary.csv").exists()
+
 
 def test_table1_job_quantizes_sampler_outputs(tmp_path):
     from hydra import compose, initialize_config_dir

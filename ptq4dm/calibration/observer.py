@@ -13,8 +13,8 @@ class ValueSample:
     sampler steps, say) are represented as often as they were seen. ``channel_axis`` None pools the tensor.
     """
 
-    def __init__(self, budget: int = 65536, channel_axis: int | None = None, seed: int = 0):
-        self.budget, self.channel_axis = budget, channel_axis
+    def __init__(self, budget: int = 65536, channel_axis: int | None = None, seed: int = 0, name: str = "?"):
+        self.budget, self.channel_axis, self.name = budget, channel_axis, name
         self.generator = torch.Generator().manual_seed(seed)
         self.parts: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []  # values represented by each kept value
@@ -30,7 +30,7 @@ class ValueSample:
 
     def __call__(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
-            raise FloatingPointError("non-finite values in calibration statistics")
+            raise FloatingPointError(f"non-finite values in the calibration statistics of {self.name}")
         rows = self._as_rows(x)
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         self.min = lo if self.min is None else torch.minimum(self.min, lo)

@@ -110,15 +110,11 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
         layer.unfreeze_weight()
 
     for i, (name, q) in enumerate(act_quantizers.items()):
-        q.observer = ValueSample(search.max_values, seed=i)
+        q.observer = ValueSample(search.max_values, seed=i, name=name)
     try:
         for x, t, cond in tqdm(calibration.batches(batch_size, device), desc="calibration statistics",
                                total=calibration.num_batches(batch_size), disable=not progress, leave=False):
             forward(x, t, cond)
-    except FloatingPointError as err:
-        bad = next((n for n, q in act_quantizers.items() if q.observer.min is None or
-                    not (torch.isfinite(q.observer.min).all() and torch.isfinite(q.observer.max).all())), "?")
-        raise FloatingPointError(f"{err} (at the input of {bad})") from err
     finally:
         observers = {n: q.observer for n, q in act_quantizers.items()}
         for q in act_quantizers.values():

@@ -90,11 +90,13 @@ class Sampler:
             eps = model(model_input, t.to(x.device))
             if output_quantizer is not None:
                 x = output_quantizer.step(scheduler, eps, t, x, self._step_kwargs, generators)
-                continue
-            kwargs = dict(self._step_kwargs)
-            if self._takes_generator and generators is not None:
-                kwargs["generator"] = generators
-            x = scheduler.step(eps, t, x, **kwargs).prev_sample
+            else:
+                kwargs = dict(self._step_kwargs)
+                if self._takes_generator and generators is not None:
+                    kwargs["generator"] = generators
+                x = scheduler.step(eps, t, x, **kwargs).prev_sample
+            if not torch.isfinite(x).all():  # one device sync a step: cheap next to a network call
+                raise FloatingPointError(f"non-finite values after sampler step {i} (t={int(t)})")
         return x.clamp(-1, 1) if num_steps is None else x
 
     def _fresh_scheduler(self) -> SchedulerMixin:

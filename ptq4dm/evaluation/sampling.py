@@ -58,9 +58,10 @@ class SamplingModule(pl.LightningModule):
         indices = indices.cpu()
         generators = seeded_generators(self.seed, indices.tolist())
         noise = self.sampler.initial_noise(generators, self.image_shape, self.device)
-        x = self.sampler.sample(self.denoise, noise, generators, output_quantizer=self.output_quantizer)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"non-finite values in sampled images {indices[0]}..{indices[-1]}")
+        try:
+            x = self.sampler.sample(self.denoise, noise, generators, output_quantizer=self.output_quantizer)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}, sampling images {int(indices[0])}..{int(indices[-1])}") from err
         return {"indices": indices, "images": to_uint8(x).cpu()}
 
 

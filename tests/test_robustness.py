@@ -1,0 +1,106 @@
+"""Failures that must not cost a night of sweeps: half-written files, hostile checkpoints, cluster launchers."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ptq4dm.utils.checkpoints import UnsafeCheckpointError, load_checkpoint
+from tests.conftest import REPO
+from tests.test_run import SMALL
+
+WRITER = """
+import sys, time
+from ptq4dm.utils.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    with open(tmp, "w") as f:
+        f.write('{"status": "ok", "values": [')
+        f.flush()
+        print("writing", flush=True)
+        for i in range(10**6):
+            f.write(f"{i}, ")
+            time.sleep(0.001)
+"""
+
+
+def test_a_job_killed_mid_write_leaves_no_result_file(tmp_path):
+    target = tmp_path / "results.json"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()  # only a hidden temporary file is left, under another name
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".results.json.") and p.suffix == ".tmp" for p in leftovers)
+    with pytest.raises(ValueError):
+        json.loads(leftovers[0].read_text())  # and it is visibly incomplete
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "payload": _RunsCode()}, f)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match="trust_checkpoint=true"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_plain_checkpoint_loads(tmp_path):
+    path = tmp_path / "ok.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)
+    assert load_checkpoint(path)["global_step"] == 3
+
+
+def test_submitit_local_sweep(tmp_path):
+    """The same path a SLURM sweep takes (hydra-submitit-launcher), run locally."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+           "calib=gaussian_ts,uniform_ts", *SMALL, "logger=none", f"hydra.sweep.dir={sweep}",
+           f"fp_cache_dir={tmp_path / 'fp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert {r["axes"]["calib"] for r in results} == {"gaussian_ts", "uniform_ts"}
+    assert (sweep / "summary.md").exists()
+
+
+def test_a_failing_job_does_not_end_the_sweep(tmp_path):
+    """Three jobs, one of which needs real images that are not there: two finish, one is reported failed."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,forward_ts,uniform_ts", *SMALL,
+           "logger=none", f"data.root={tmp_path / 'no_data'}", f"hydra.sweep.dir={sweep}",
+           f"fp_cache_dir={tmp_path / 'fp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)]
+    assert [r["status"] for r in results] == ["ok", "failed", "ok"]
+    assert "DataNotFoundError" in results[1]["error"] and "Traceback" in results[1]["traceback"]
+    summary = (sweep / "summary.md").read_text()
+    assert "failed" in summary and "forward_ts" in summary
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from ptq4dm.utils.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
+    assert launcher.partition == "gpu" and "export WANDB_MODE=offline" in launcher.setup
