@@ -51,17 +51,21 @@ log = logging.getLogger(__name__)
 HEADLINE = ["model", "fid", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp", "psnr_vs_fp"]
 
 
-def full_precision(cfg: DictConfig, unet, sampler: Sampler, extractor, reference, trainer_kwargs: dict):
-    """FP images, statistics and scores, from the shared cache when another job already made them."""
+def sample_full_precision(cfg: DictConfig, unet, sampler: Sampler, trainer_kwargs: dict) -> torch.Tensor | None:
+    """FP images from the shared cache, sampling only the batches no earlier job made (None off rank 0)."""
     folder = fp_cache_dir(cfg)
     module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision)
     t0 = time.perf_counter()
     images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, folder / "shards", trainer_kwargs)
-    if images is None:
-        return None, None, None
     timing_file = folder / "timing.json"
-    if not timing_file.exists():
+    if images is not None and not timing_file.exists():
         atomic_write_json(timing_file, {"sampling_seconds": time.perf_counter() - t0})
+    return images
+
+
+def score_full_precision(cfg: DictConfig, images: torch.Tensor, extractor, reference) -> tuple:
+    """FP statistics and scores, cached beside the FP images."""
+    folder = fp_cache_dir(cfg)
     stats_file, scores_file = folder / "features.npz", folder / "scores.json"
     if stats_file.exists():
         stats = load_statistics(stats_file)
@@ -73,8 +77,8 @@ def full_precision(cfg: DictConfig, unet, sampler: Sampler, extractor, reference
     else:
         scores = {**score(stats, reference, cfg), **inception_scores(images, cfg, extractor_device(extractor))}
         atomic_write_json(scores_file, scores)
-    scores["sampling_seconds"] = json.loads(timing_file.read_text())["sampling_seconds"]
-    return images, stats, scores
+    scores["sampling_seconds"] = json.loads((folder / "timing.json").read_text())["sampling_seconds"]
+    return stats, scores
 
 
 def extractor_device(extractor) -> torch.device:
@@ -144,16 +148,16 @@ def run(cfg: DictConfig) -> dict:
     reference = reference_from_config(cfg, extractor)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
 
-    fp_images, fp_stats, fp_scores = full_precision(cfg, model.unet, sampler, extractor, reference, trainer_kwargs)
-    if fp_images is None:
-        return {}  # a non-zero DDP rank
+    # Every DDP rank takes part in both sampling runs; rank 0 alone scores and writes.
+    fp_images = sample_full_precision(cfg, model.unet, sampler, trainer_kwargs)
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
                        progress=bool(cfg.progress))
     t0 = time.perf_counter()
     q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
-    if q_images is None:
-        return {}
+    if q_images is None or fp_images is None:
+        return {}  # a non-zero DDP rank
     q_seconds = time.perf_counter() - t0 - module.timings.get("calibration_seconds", 0.0)
+    fp_stats, fp_scores = score_full_precision(cfg, fp_images, extractor, reference)
     q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")
     q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
                 **score(q_stats, fp_stats, cfg, suffix="_vs_fp"), **pixel_errors(q_images, fp_images),

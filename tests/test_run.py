@@ -82,9 +82,23 @@ def test_bad_values_stop_before_any_model_is_loaded(monkeypatch):
     monkeypatch.setattr(run_module, "load_diffusion_model", lambda *a, **k: pytest.fail("model was loaded"))
     cases = {"bits.weight=1": "bits.weight=1", "calib.timesteps.std=0": "calib.timesteps.std=0",
              "calib.num_samples=0": "calib.num_samples=0", "sampler.steps=5000": "sampler.steps=5000",
-             "ops=table1_variance": "sampler.eta"}
+             "calib.timesteps.mean=1.5": "calib.timesteps.mean=1.5", "metric.num_candidates=0":
+             "metric.num_candidates=0", "ops=table1_variance": "sampler.eta"}
     for override, message in cases.items():
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("run", overrides=[override, "logger=none", "output_dir=/nonexistent"])
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
             run_module.run(cfg)
+
+
+def test_unknown_preset_names_list_the_choices():
+    import pytest
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from ptq4dm.utils.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(MissingConfigException) as err:
+            compose("run", overrides=["metric=mae"])
+    assert "metric" in str(err.value) and "mse" in str(err.value) and "kl" in str(err.value)

@@ -123,6 +123,7 @@ def generate_images(module: SamplingModule, num_samples: int, batch_size: int = 
         kwargs = {"logger": False, "enable_model_summary": False, **(trainer_kwargs or {})}
         trainer = pl.Trainer(callbacks=[ShardWriter(shard_dir)], **kwargs)
         trainer.predict(module, datamodule=data, return_predictions=False)
+        trainer.strategy.barrier()  # every rank's shards are on disk before rank 0 reads them
         if trainer.global_rank != 0:
             return None
     return load_shards(Path(shard_dir), num_samples)
