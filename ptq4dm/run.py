@@ -208,9 +208,22 @@ def wandb_names(cfg: DictConfig) -> dict:
 
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
-    out = Path(cfg.output_dir)
-    atomic_write_json(out / "results.json", {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                                             "traceback": traceback.format_exc(), "axes": _axes_or_empty(cfg)})
+    """The failure goes where results would have gone: results.json and the job's W&B run."""
+    failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+               "axes": _axes_or_empty(cfg)}
+    atomic_write_json(Path(cfg.output_dir) / "results.json", failure)
+    try:
+        logger = make_logger(cfg.logger, **wandb_names(cfg))
+    except Exception:  # noqa: BLE001 - the logger config itself may be what failed; results.json has it all
+        return
+    try:
+        if logger:
+            logger.log_hyperparams({**failure["axes"], "status": "failed"})
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.summary.update({"status": "failed", "error": failure["error"],
+                                                  "traceback": failure["traceback"]})
+    finally:
+        finish_logger(logger, failed=True)
 
 
 def _axes_or_empty(cfg: DictConfig) -> dict:

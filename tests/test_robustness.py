@@ -82,15 +82,16 @@ def test_a_failing_job_does_not_end_the_sweep(tmp_path):
     """Three jobs, one of which needs real images that are not there: two finish, one is reported failed."""
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,forward_ts,uniform_ts", *SMALL,
-           "logger=none", f"data.root={tmp_path / 'no_data'}", f"hydra.sweep.dir={sweep}",
-           f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+           f"data.root={tmp_path / 'no_data'}", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)]
     assert [r["status"] for r in results] == ["ok", "failed", "ok"]
     assert "DataNotFoundError" in results[1]["error"] and "Traceback" in results[1]["traceback"]
     summary = (sweep / "summary.md").read_text()
     assert "failed" in summary and "forward_ts" in summary
+    assert len(list((sweep / "1").glob("wandb/offline-run-*/run-*.wandb"))) == 1  # the failure has its W&B run
 
 
 def test_slurm_launcher_config_composes():

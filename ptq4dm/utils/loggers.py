@@ -13,10 +13,10 @@ def make_logger(cfg: DictConfig | None, **overrides):
     return instantiate(cfg, **overrides)
 
 
-def finish_logger(logger) -> None:
-    """End a W&B run so the next job of a multirun process starts its own."""
+def finish_logger(logger, failed: bool = False) -> None:
+    """End a W&B run (marked failed if asked) so the next job of a multirun process starts its own."""
     if logger and type(logger).__name__ == "WandbLogger":
         import wandb
 
         logger.experiment  # noqa: B018 - make sure the run exists before finishing it
-        wandb.finish()
+        wandb.finish(exit_code=1 if failed else 0)
