@@ -83,7 +83,8 @@ def test_bad_values_stop_before_any_model_is_loaded(monkeypatch):
     cases = {"bits.weight=1": "bits.weight=1", "calib.timesteps.std=0": "calib.timesteps.std=0",
              "calib.num_samples=0": "calib.num_samples=0", "sampler.steps=5000": "sampler.steps=5000",
              "calib.timesteps.mean=1.5": "calib.timesteps.mean=1.5", "metric.num_candidates=0":
-             "metric.num_candidates=0", "ops=table1_variance": "sampler.eta"}
+             "metric.num_candidates=0", "ops=table1_variance": "sampler.eta", "ops.conv=maybe": "ops.conv='maybe'",
+             "calib.num_samples=lots": "calib.num_samples='lots'", "metric.weights=2": "metric.weights=2"}
     for override, message in cases.items():
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("run", overrides=[override, "logger=none", "output_dir=/nonexistent"])

@@ -61,8 +61,22 @@ def check_sampler_outputs(outputs: tuple[str, ...], sampler: dict) -> None:
                          f"{sampler.get('eta', 0)} adds no noise: use sampler=ddpm or sampler.eta > 0")
 
 
+def _check_types(node: DictConfig, group: str, types: dict[str, type | tuple]) -> None:
+    for key, kind in types.items():
+        value = node.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"{group}.{key}={value!r}: allowed is a {names}".replace("NoneType", "null"))
+
+
 def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
+    """Every axis checked for types and ranges, then turned into the objects a job runs with."""
     ops, bits = cfg.ops, cfg.bits
+    _check_types(ops, "ops", {"conv": bool, "linear": bool, "attn_matmul": bool, "shortcut_split": bool,
+                              "first_last_bits": (int, type(None))})
+    _check_types(bits, "bits", {"weight_symmetric": bool, "weight_per_channel": bool, "act_symmetric": bool})
+    _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int})
+    _check_types(cfg.calib, "calib", {"num_samples": int, "batch_size": int, "seed": int})
     T = cfg.model.scheduler.num_train_timesteps
     sampler = check_sampler(cfg.sampler, "sampler", T)
     for key in ("weight", "act"):
