@@ -29,7 +29,7 @@ from ptq4dm.evaluation import SamplingModule, generate_images
 from ptq4dm.experiment.fp_cache import fp_cache_dir
 from ptq4dm.experiment.module import PTQModule
 from ptq4dm.experiment.recipe import AXES, recipe_from_config
-from ptq4dm.metrics import ImageStatistics, make_extractor
+from ptq4dm.metrics import make_extractor
 from ptq4dm.metrics.reference import load_statistics, save_statistics
 from ptq4dm.metrics.scoring import (
     image_statistics,
@@ -39,9 +39,10 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
-from ptq4dm.models import load_diffusion_model
+from ptq4dm.models.factory import load_model
+from ptq4dm.quant import save_quantized
 from ptq4dm.utils.config import save_resolved_config
-from ptq4dm.utils.images import image_grid, save_grid
+from ptq4dm.utils.images import image_grid
 from ptq4dm.utils.io import atomic_write_json, atomic_write_text
 from ptq4dm.utils.loggers import finish_logger, make_logger
 from ptq4dm.utils.table import markdown_table
@@ -51,10 +52,11 @@ log = logging.getLogger(__name__)
 HEADLINE = ["model", "fid", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp", "psnr_vs_fp"]
 
 
-def sample_full_precision(cfg: DictConfig, unet, sampler: Sampler, trainer_kwargs: dict) -> torch.Tensor | None:
+def sample_full_precision(cfg: DictConfig, unet, sampler: Sampler, trainer_kwargs: dict,
+                          image_shape: tuple[int, int, int]) -> torch.Tensor | None:
     """FP images from the shared cache, sampling only the batches no earlier job made (None off rank 0)."""
     folder = fp_cache_dir(cfg)
-    module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision)
+    module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision, image_shape=image_shape)
     t0 = time.perf_counter()
     images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, folder / "shards", trainer_kwargs)
     timing_file = folder / "timing.json"
@@ -138,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
     save_resolved_config(cfg, out)
     torch.set_float32_matmul_precision("high")
     device = metrics_device(cfg.trainer)
-    model = load_diffusion_model(cfg.model.pretrained)
+    model = load_model(cfg.model)
     sampler = Sampler(model.scheduler, **cfg.sampler)
     calib_sampler = Sampler(model.scheduler, **recipe.calib_sampler)
     calib_images = None
@@ -149,9 +151,9 @@ def run(cfg: DictConfig) -> dict:
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
 
     # Every DDP rank takes part in both sampling runs; rank 0 alone scores and writes.
-    fp_images = sample_full_precision(cfg, model.unet, sampler, trainer_kwargs)
+    fp_images = sample_full_precision(cfg, model.unet, sampler, trainer_kwargs, model.image_shape)
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
-                       progress=bool(cfg.progress))
+                       progress=bool(cfg.progress), image_shape=model.image_shape)
     t0 = time.perf_counter()
     q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
     if q_images is None or fp_images is None:
@@ -178,6 +180,8 @@ def run(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+    if module.ranges is not None:  # reload with ptq4dm.quant.load_quantized to sample without recalibrating
+        save_quantized(module.unet, out, extra=module.output_quantizer)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "ranges.csv", ranges_csv(module))
     n = cfg.eval.grid_size

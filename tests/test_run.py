@@ -42,6 +42,7 @@ def test_two_by_two_multirun(tmp_path):
     for i in range(4):
         assert (sweep / str(i) / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
         assert (sweep / str(i) / "config.yaml").exists()
+        assert (sweep / str(i) / "quantization.safetensors").exists()
 
     # Re-running the same sweep skips every finished job: no results rewritten, no new W&B run, no sampling.
     stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}

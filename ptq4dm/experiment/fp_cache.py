@@ -11,24 +11,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptq4dm.models.unet import resolve_model_dir
+from ptq4dm.models.factory import model_identity
 from ptq4dm.utils.io import default_cache_dir
 
 
-def _model_digest(model_dir: Path) -> str:
-    """Weights, network config and noise schedule: everything of the model that shapes its samples."""
-    h = hashlib.sha1()
-    files = sorted((model_dir / "unet").glob("*.safetensors")) + [model_dir / "unet" / "config.json",
-                                                                 model_dir / "scheduler" / "scheduler_config.json"]
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def fp_cache_dir(cfg: DictConfig) -> Path:
-    model_dir = resolve_model_dir(cfg.model.pretrained)
     gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    ident = {"model": _model_digest(model_dir), "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+    ident = {"model": model_identity(cfg.model), "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
              "seed": cfg.seed, "num_samples": cfg.eval.num_samples, "batch_size": cfg.eval.batch_size,
              "precision": cfg.eval.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
              # the cached features and scores depend on these too

@@ -28,9 +28,9 @@ from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 class PTQModule(SamplingModule):
     def __init__(self, fp_unet: nn.Module, sampler: Sampler, calib_sampler: Sampler, recipe: PTQRecipe,
                  seed: int = 0, precision: str = "fp32", calib_images: torch.Tensor | None = None,
-                 progress: bool = True):
+                 progress: bool = True, image_shape: tuple[int, int, int] | None = None):
         quantized = quantize_(copy.deepcopy(fp_unet).eval(), recipe.quant)
-        super().__init__(quantized, sampler, seed=seed, precision=precision)
+        super().__init__(quantized, sampler, seed=seed, precision=precision, image_shape=image_shape)
         self.fp_unet = fp_unet.eval()
         self.calib_sampler, self.recipe, self.calib_images, self.progress = calib_sampler, recipe, calib_images, progress
         self.ranges: list[RangeChoice] | None = None

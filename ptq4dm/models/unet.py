@@ -39,9 +39,17 @@ DDPM_CIFAR10_LAYOUT = dict(
 class DiffusionModel:
     """An epsilon-prediction network and the noise schedule it was trained with."""
 
-    unet: UNet2DModel
+    unet: torch.nn.Module  # a diffusers UNet2DModel, or any f(x, t) -> eps network
     scheduler: DDPMScheduler
     name: str = "model"
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W); read from a diffusers config when None
+
+    def __post_init__(self):
+        if self.image_shape is None:
+            cfg = getattr(self.unet, "config", None)
+            if cfg is None:
+                raise ValueError("image_shape (C, H, W) is needed for a network without a diffusers config")
+            self.image_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     @property
     def num_parameters(self) -> int:

@@ -1,0 +1,71 @@
+"""Quantized checkpoints: every quantizer's range and grid, with the config that placed them.
+
+Only quantization parameters are stored (safetensors; the network's own weights stay wherever the model comes
+from). Loading re-applies ``quantize_`` with the stored config and splits to a full-precision copy of the
+same network, then restores the parameters: no recalibration, and the same outputs as before saving.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ptq4dm.quant.api import quantize_, quantizers
+from ptq4dm.quant.config import QuantConfig
+from ptq4dm.quant.modules import QuantLayer
+from ptq4dm.utils.io import atomic_path
+
+FILENAME = "quantization.safetensors"
+_BUFFERS = ("lo", "hi", "scale", "zero_point", "calibrated")
+
+
+def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None) -> Path:
+    """Write the quantization parameters of ``model`` (and of ``extra``, e.g. sampler-output quantizers)."""
+    config = getattr(model, "quant_config", None)
+    if config is None:
+        raise ValueError("model is not quantized (no quant_config): call quantize_ first")
+    tensors = {f"model.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
+               for name, q in quantizers(model).items() for b in _BUFFERS}
+    if extra is not None:
+        tensors.update({f"extra.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
+                        for name, q in quantizers(extra).items() for b in _BUFFERS})
+    meta = {"quant_config": asdict(config),
+            "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
+            "disabled": [n for n, q in quantizers(model).items() if not q.enabled]}
+    path = Path(folder) / FILENAME
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ptq4dm": json.dumps(meta)})
+    return path
+
+
+def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None) -> nn.Module:
+    """Quantize ``model`` (full precision, same architecture) in place as saved; every tensor must match."""
+    path = Path(folder) / FILENAME if Path(folder).is_dir() else Path(folder)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["ptq4dm"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    quantize_(model, QuantConfig(**meta["quant_config"]))
+    for name, split in meta["splits"].items():
+        model.get_submodule(name).set_split(split)
+    targets = {f"model.{n}": q for n, q in quantizers(model).items()}
+    if extra is not None:
+        targets.update({f"extra.{n}": q for n, q in quantizers(extra).items()})
+    expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}
+    if expected != set(tensors):
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, q in targets.items():
+            q.load_state_dict({b: tensors[f"{name}.{b}"] for b in _BUFFERS})
+    for name in meta["disabled"]:
+        targets[f"model.{name}"].enabled = False
+    for layer in model.modules():
+        if isinstance(layer, QuantLayer):
+            layer.freeze_weight()
+    return model
