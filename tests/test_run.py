@@ -80,7 +80,7 @@ def test_bad_values_stop_before_any_model_is_loaded(monkeypatch):
     import ptq4dm.run as run_module
     from ptq4dm.utils.config import CONF_DIR
 
-    monkeypatch.setattr(run_module, "load_diffusion_model", lambda *a, **k: pytest.fail("model was loaded"))
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
     cases = {"bits.weight=1": "bits.weight=1", "calib.timesteps.std=0": "calib.timesteps.std=0",
              "calib.num_samples=0": "calib.num_samples=0", "sampler.steps=5000": "sampler.steps=5000",
              "calib.timesteps.mean=1.5": "calib.timesteps.mean=1.5", "metric.num_candidates=0":

@@ -7,6 +7,7 @@ A model on disk is a diffusers pipeline folder: ``unet/`` (config.json + safeten
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,24 +72,43 @@ def build_noise_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1
                          variance_type="fixed_small")
 
 
+def _is_pipeline(folder: Path) -> bool:
+    return (folder / "unet" / "config.json").is_file()
+
+
+def _from_hub_cache(repo_id: str) -> Path | None:
+    """A hub model already in the local Hugging Face cache (never downloaded here)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid repo id: reported by the caller
+        return None
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """An embedded model name (``tiny_cifar10``) or a pipeline folder path."""
-    candidate = EMBEDDED_MODELS_DIR / str(path)
-    folder = candidate if (candidate / "unet").is_dir() else Path(path).expanduser()
-    if not (folder / "unet" / "config.json").is_file():
-        embedded = sorted(p.name for p in EMBEDDED_MODELS_DIR.iterdir() if (p / "unet").is_dir()) \
-            if EMBEDDED_MODELS_DIR.is_dir() else []
-        raise FileNotFoundError(
-            f"no diffusion model at {str(path)!r}: expected a pipeline folder with unet/config.json and "
-            f"unet/diffusion_pytorch_model.safetensors (embedded models: {embedded})"
-        )
-    return folder
+    """An embedded model name (``tiny_cifar10``), a pipeline folder, or a hub id in the local HF cache."""
+    candidates = [EMBEDDED_MODELS_DIR / str(path), Path(path).expanduser()]
+    for folder in candidates:
+        if _is_pipeline(folder):
+            return folder
+    cached = _from_hub_cache(str(path)) if str(path).count("/") == 1 and not Path(path).exists() else None
+    if cached is not None and _is_pipeline(cached):
+        return cached
+    embedded = sorted(p.name for p in EMBEDDED_MODELS_DIR.iterdir() if _is_pipeline(p)) \
+        if EMBEDDED_MODELS_DIR.is_dir() else []
+    raise FileNotFoundError(
+        f"no diffusion model at {str(path)!r}: looked for a pipeline folder (unet/config.json and its weights) "
+        f"there, among the embedded models {embedded}, and for the hub id in the Hugging Face cache "
+        f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}). To get a hub model, on a machine "
+        f"with network: `huggingface-cli download {path} --local-dir <dir>`, then model.pretrained=<dir>"
+    )
 
 
 def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """Load a UNet and its noise schedule from a local pipeline folder, never from the network."""
     folder = resolve_model_dir(path)
-    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True, use_safetensors=True,
+    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True,
                                        torch_dtype=dtype, low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
