@@ -14,8 +14,9 @@ class ValueSample:
     """
 
     def __init__(self, budget: int = 65536, channel_axis: int | None = None, seed: int = 0, name: str = "?"):
-        self.budget, self.channel_axis, self.name = budget, channel_axis, name
-        self.generator = torch.Generator().manual_seed(seed)
+        self.budget, self.channel_axis, self.name, self.seed = budget, channel_axis, name, seed
+        self.generator = torch.Generator().manual_seed(seed)  # the final draw (CPU, small)
+        self._device_generators: dict[torch.device, torch.Generator] = {}  # per-call subsets, beside the data
         self.parts: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []  # values represented by each kept value
         self.count = 0
@@ -36,13 +37,19 @@ class ValueSample:
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         take = min(rows.shape[1], self.budget)
-        idx = torch.randperm(rows.shape[1], generator=self.generator)[:take].to(rows.device)
-        self.parts.append(rows[:, idx])
+        self.parts.append(rows if take == rows.shape[1] else rows[:, self._subset(rows.shape[1], take, rows.device)])
         self.weights.append(torch.full((take,), rows.shape[1] / take))
         self.count += take
         if self.count > 4 * self.budget:  # keep memory bounded: thin out what has been kept so far
             values, represented = self._draw()
             self.parts, self.weights, self.count = [values], [represented], values.shape[1]
+
+    def _subset(self, n: int, take: int, device: torch.device) -> torch.Tensor:
+        """``take`` of ``n`` positions, uniformly with replacement, drawn on the data's device: a CPU randperm
+        of a whole activation (tens of millions of values) per call would dominate GPU calibration time."""
+        if device not in self._device_generators:
+            self._device_generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return torch.randint(n, (take,), generator=self._device_generators[device], device=device)
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """About ``budget`` values, each kept with probability proportional to what it stands for (Poisson

@@ -48,9 +48,13 @@ class SamplingModule(pl.LightningModule):
         config = getattr(unet, "config", None)
         self.image_shape = image_shape or (config.in_channels, config.sample_size, config.sample_size)
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The network's compute precision: ``precision`` on CUDA, float32 elsewhere."""
+        dtype = _DTYPES[self.precision] if device.type == "cuda" else None
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        dtype = _DTYPES[self.precision] if x.device.type == "cuda" else None
-        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with self.autocast(x.device):
             out = self.unet(x, t.expand(x.shape[0]))
         return (out.sample if hasattr(out, "sample") else out).float()
 

@@ -46,10 +46,10 @@ class PTQModule(SamplingModule):
     def calibrate(self) -> list[RangeChoice]:
         device = next(self.unet.parameters()).device
         t0 = time.perf_counter()
-        calib_set = self.recipe.calibration.build(as_denoiser(self.fp_unet), self.calib_sampler, self.image_shape,
-                                                  device, self.calib_images, self.progress)
+        calib_set = self.recipe.calibration.build(self.in_precision(self.fp_unet), self.calib_sampler,
+                                                  self.image_shape, device, self.calib_images, self.progress)
         t1 = time.perf_counter()
-        self.ranges = calibrate_(self.unet, as_denoiser(self.unet), calib_set, self.recipe.search,
+        self.ranges = calibrate_(self.unet, self.in_precision(self.unet), calib_set, self.recipe.search,
                                  self.recipe.calibration.batch_size, self.progress)
         if self.output_quantizer is not None:
             self.ranges += self.calibrate_sampler_outputs(device)
@@ -61,6 +61,17 @@ class PTQModule(SamplingModule):
         self.calibration_set = calib_set
         return self.ranges
 
+    def in_precision(self, network: nn.Module):
+        """``network`` as a denoiser in the evaluation's precision (bf16 autocast on CUDA by default), so the
+        trajectories and activations calibration sees are those the quantized network meets when sampling."""
+        denoise = as_denoiser(network)
+
+        def run(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+            with self.autocast(x.device):
+                return denoise(x, t, cond).float()
+
+        return run
+
     def calibrate_sampler_outputs(self, device, max_trajectories: int = 64) -> list[RangeChoice]:
         """Ranges of the sampler's mean, variance and x_{t-1}, from full-precision trajectories."""
         quantizers = self.output_quantizer.quantizers
@@ -70,7 +81,8 @@ class PTQModule(SamplingModule):
         generators = seeded_generators(self.recipe.calibration.seed + 1, range(n))
         noise = self.sampler.initial_noise(generators, self.image_shape, device)
         try:
-            self.sampler.sample(as_denoiser(self.fp_unet), noise, generators, output_quantizer=self.output_quantizer)
+            self.sampler.sample(self.in_precision(self.fp_unet), noise, generators,
+                                output_quantizer=self.output_quantizer)
         finally:
             observers = {name: q.observer for name, q in quantizers.items()}
             for q in quantizers.values():

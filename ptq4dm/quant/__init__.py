@@ -4,6 +4,7 @@ from ptq4dm.quant.api import (
     quantizable_layers,
     quantize_,
     quantizers,
+    set_fused_kernels,
     set_quantization_enabled,
     split_shortcuts_,
 )
@@ -14,5 +15,6 @@ from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.quant.quantizer import Quantizer, QuantSpec, fake_quantize, grid_params
 
 __all__ = ["QuantAttnProcessor", "QuantConfig", "QuantLayer", "QuantSpec", "Quantizer", "fake_quantize",
-           "grid_params", "load_quantized", "quantizable_layers", "quantize_", "quantizers", "set_quantization_enabled",
+           "grid_params", "load_quantized", "quantizable_layers", "quantize_", "quantizers", "set_fused_kernels",
+           "set_quantization_enabled",
            "save_quantized", "split_shortcuts_"]

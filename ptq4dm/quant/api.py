@@ -91,3 +91,9 @@ def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every quantizer on or off (off: the network computes in full precision)."""
     for q in quantizers(model).values():
         q.enabled = enabled
+
+
+def set_fused_kernels(model: nn.Module, fused: bool) -> None:
+    """Fake-quantize CUDA tensors with one compiled kernel (True, the default) or with eager PyTorch ops."""
+    for q in quantizers(model).values():
+        q.fused = fused

@@ -7,10 +7,14 @@ place 0 exactly on a grid point. Per-channel quantizers keep one range per slice
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,19 @@ class QuantSpec:
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
     """Round ``x`` onto the integer grid and map it back: the only place rounding and clamping happen."""
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def fake_quantize_in_fp32(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+    """``fake_quantize`` computed in float32 and returned in ``x``'s dtype: bf16's 8-bit mantissa cannot tell
+    neighbouring 8-bit levels apart."""
+    return fake_quantize(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+
+
+@functools.cache
+def fused_fake_quantize_in_fp32():
+    """The same arithmetic as one fused GPU kernel (Inductor/Triton), compiled on first use: eager mode makes
+    six memory-bound passes over every activation, which dominates quantized sampling time on a GPU."""
+    return torch.compile(fake_quantize_in_fp32, dynamic=True)
 
 
 def grid_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +84,7 @@ class Quantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))  # persisted with the ranges
         self.enabled = True
+        self.fused = True  # per-tensor ranges on CUDA: one compiled kernel (same numbers); False: eager ops
         self.ready = False  # a Python mirror of `calibrated`: no device sync or graph break in forward
         self.observer = None  # set during calibration; sees full-precision inputs
 
@@ -104,8 +122,15 @@ class Quantizer(nn.Module):
             return x
         scale = self._broadcast(self.scale, x.ndim)
         zero_point = self._broadcast(self.zero_point, x.ndim)
-        # Rounding onto the grid in float32: bf16's 8-bit mantissa cannot tell neighbouring 8-bit levels apart.
-        return fake_quantize(x.float(), scale, zero_point, self.spec.qmin, self.spec.qmax).to(x.dtype)
+        if self.fused and x.is_cuda and scale.ndim == 0:
+            # Flattened, one compiled kernel serves every activation shape (no recompiles per rank or size).
+            try:
+                flat = fused_fake_quantize_in_fp32()(x.reshape(-1), scale, zero_point, self.spec.qmin, self.spec.qmax)
+                return flat.view(x.shape)
+            except Exception as err:  # noqa: BLE001 - no working compiler (e.g. Triton missing): same math, eager
+                log.warning("fused fake-quant kernel unavailable (%s: %s); using eager ops", type(err).__name__, err)
+                self.fused = False
+        return fake_quantize_in_fp32(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.spec.per_channel else "per-tensor"

