@@ -169,6 +169,7 @@ def run(cfg: DictConfig) -> dict:
         "status": "ok",
         "config_digest": config_digest(cfg),
         "axes": recipe.axes,
+        "overrides": task_overrides(),
         "fp": fp_scores,
         "quantized": q_scores,
         "timings": {**module.timings, "sampling_seconds_fp": fp_scores["sampling_seconds"],
@@ -199,6 +200,11 @@ def run(cfg: DictConfig) -> dict:
     finally:
         finish_logger(logger)
     return results
+
+
+def task_overrides() -> list[str]:
+    """The job's command-line and sweep overrides (empty outside a Hydra app)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def wandb_names(cfg: DictConfig) -> dict:

@@ -24,7 +24,8 @@ def summary_rows(sweep_dir: Path) -> list[dict]:
     rows = []
     for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
         r = json.loads(path.read_text())
-        row = {"job": path.parent.name, **r.get("axes", {}), "status": r.get("status", "?")}
+        row = {"job": path.parent.name, **r.get("axes", {}), **_settings(r.get("overrides", [])),
+               "status": r.get("status", "?")}
         quantized, fp = r.get("quantized", {}), r.get("fp", {})
         row["fp_fid"] = fp.get("fid")
         row.update({m: quantized.get(m, r.get("timings", {}).get(m)) for m in METRICS})
@@ -34,13 +35,20 @@ def summary_rows(sweep_dir: Path) -> list[dict]:
     return rows
 
 
+def _settings(overrides: list[str]) -> dict:
+    """Overrides of single keys below an axis (``calib.timesteps.t=0.25``): columns when they vary."""
+    pairs = (o.split("=", 1) for o in overrides if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs if "." in k and k.split(".")[0] in AXES}
+
+
 def write_summary(sweep_dir: str | Path) -> str | None:
     """Write ``summary.csv`` and ``summary.md`` in ``sweep_dir``; returns the markdown (None if no jobs)."""
     sweep_dir = Path(sweep_dir)
     rows = summary_rows(sweep_dir)
     if not rows:
         return None
-    varied = [a for a in AXES if len({row.get(a) for row in rows}) > 1] or ["calib", "metric"]
+    settings = sorted({k for row in rows for k in row if "." in k})
+    varied = [a for a in [*AXES, *settings] if len({row.get(a) for row in rows}) > 1] or ["calib", "metric"]
     columns = ["job", *varied, "status", "fp_fid", *METRICS] + (["error"] if any("error" in r for r in rows) else [])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
