@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The queue gpu_session.sh starts: the benchmark alone on the GPU, then the experiment sweeps in three
+# concurrent streams (one job at a time per stream; the small model leaves the H100 room for three). All
+# W8A8 sweeps come before any W4A8 sweep. Finished jobs are skipped on a re-run (same config digest).
+set -uo pipefail
+cd "$STATE/src"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PTQ4DM_CACHE=$STATE/cache
+common=(logger=csv progress=false metrics.inception_path=$STATE/default_1.pt data.root=$STATE/data)
+
+python3 - > "$STATE/results/environment.json" <<'PY'
+import json, platform, subprocess, torch, diffusers, pytorch_lightning, hydra, omegaconf, torch_fidelity
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip()
+print(json.dumps({"gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                  "pytorch_lightning": pytorch_lightning.__version__, "hydra_core": hydra.__version__,
+                  "omegaconf": omegaconf.__version__, "torch_fidelity": torch_fidelity.__version__}, indent=2))
+PY
+echo "$(date +%T) benchmark"
+[ -f "$STATE/results/benchmark.json" ] || python3 experiments/paper/benchmark.py --out "$STATE/results/benchmark.json" \
+  > "$STATE/logs/benchmark.log" 2>&1
+echo "$(date +%T) benchmark exit $?; waiting for the FID network"
+while [ ! -f "$STATE/default_1.pt" ]; do sleep 5; done
+
+stream() {  # experiment:bits ...
+  for job in "$@"; do
+    exp=${job%:*} bits=${job#*:}
+    echo "$(date +%T) start $exp $bits"
+    python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" "${common[@]}" "hydra.sweep.dir=$STATE/multirun/$exp"
+    python3 experiments/paper/collect_results.py "$STATE/multirun/$exp" "$STATE/results/$exp"
+    echo "$(date +%T) done $exp $bits"
+  done
+}
+stream main_10k:w8a8 main_10k:w4a8 table5_samplers:w8a8 table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
+stream table2_calib_source:w8a8 table4_metric:w8a8 table1_outputs:w8a8 \
+       table2_calib_source:w4a8 table4_metric:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &
+stream figure4_single_t:w8a8 table3_timesteps:w8a8 table3_ndtc_grid:w8a8 \
+       figure4_single_t:w4a8 table3_timesteps:w4a8 table3_ndtc_grid:w4a8 > "$STATE/logs/C.log" 2>&1 &
+wait
+grep -h "start\|done" "$STATE"/logs/[ABC].log
+echo "$(date +%T) QUEUE DONE"
