@@ -1,6 +1,7 @@
 """Sample a diffusion model and score the images: ``python -m ptq4dm.evaluate model=small_cifar10``.
 
-Writes ``results.json``, the resolved ``config.yaml`` and a sample grid to the run folder and prints a table.
+``quantized=<folder of a ptq4dm.run job>`` samples the quantized model saved there (quantization.safetensors)
+instead, without recalibrating. Writes ``results.json``, the resolved ``config.yaml`` and a sample grid to the run folder and prints a table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
-from ptq4dm.models import load_diffusion_model
+from ptq4dm.models.factory import load_model
+from ptq4dm.quant import load_quantized, read_quant_config
+from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import save_grid
 from ptq4dm.utils.io import atomic_write_json
@@ -34,15 +37,27 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
+    quant_config = None
+    if cfg.quantized:  # a wrong path fails here, before anything is loaded
+        try:
+            quant_config = read_quant_config(cfg.quantized)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"quantized={cfg.quantized!r}: {err}") from err
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
-    model = load_diffusion_model(cfg.model.pretrained)
+    model = load_model(cfg.model)
     sampler = Sampler(model.scheduler, **cfg.sampler)
     extractor = make_extractor(metrics_device(cfg.trainer), cfg.metrics.inception_path)
     reference = reference_from_config(cfg, extractor)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer)
     t0 = time.perf_counter()
-    sampling = SamplingModule(model.unet, sampler, seed=cfg.seed, precision=cfg.eval.precision)
+    sampling = SamplingModule(model.unet.eval(), sampler, seed=cfg.seed, precision=cfg.eval.precision,
+                              image_shape=model.image_shape)
+    if quant_config is not None:
+        outputs = quant_config.sampler_outputs
+        extra = SamplerOutputQuantizer(outputs, quant_config.act_spec()) if outputs else None
+        load_quantized(model.unet, cfg.quantized, extra)
+        sampling.output_quantizer = extra
     images = generate_images(sampling, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
     if images is None:  # a non-zero DDP rank: rank 0 scores and writes
         return {}
@@ -53,6 +68,7 @@ def evaluate(cfg: DictConfig) -> dict:
     scores["reference"] = f"{reference.name} ({reference.num_images} images)"
     results = {
         "model": cfg.model.name,
+        "quantized": str(cfg.quantized) if cfg.quantized else None,
         "sampler": f"{cfg.sampler.name}-{cfg.sampler.steps}",
         "num_samples": cfg.eval.num_samples,
         "seed": cfg.seed,

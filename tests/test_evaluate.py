@@ -45,3 +45,43 @@ def test_missing_data_and_statistics_fail_before_sampling(random_model_dir, tmp_
     assert proc.returncode != 0
     assert "not found" in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
     assert not (tmp_path / "run" / "samples").exists()  # nothing was sampled
+
+
+def test_evaluate_samples_a_saved_quantized_model_without_recalibrating(random_model_dir, image_folder_root, tmp_path):
+    """A job folder's quantization.safetensors, reloaded by the CLI, gives exactly the images of the model that
+    was calibrated and saved (same seeds); a wrong path fails first, naming the key."""
+    import copy
+
+    from ptq4dm.api import as_denoiser
+    from ptq4dm.calibration import RangeSearch, calibrate_
+    from ptq4dm.calibration.calibset import CalibrationSet
+    from ptq4dm.diffusion import Sampler
+    from ptq4dm.evaluation import SamplingModule
+    from ptq4dm.evaluation.sampling import load_shards
+    from ptq4dm.models import load_diffusion_model
+    from ptq4dm.quant import QuantConfig, quantize_, save_quantized
+
+    model = load_diffusion_model(random_model_dir)
+    torch.manual_seed(0)
+    q = quantize_(copy.deepcopy(model.unet).eval(), QuantConfig(weight_bits=4, act_bits=8))
+    calib = CalibrationSet(torch.randn(8, 3, 32, 32), torch.linspace(0, 999, 8).long(), torch.zeros(8))
+    calibrate_(q, as_denoiser(q), calib, RangeSearch(num_candidates=10, max_values=2048), 8, progress=False)
+    job = tmp_path / "job"
+    save_quantized(q, job)
+    sampler = Sampler(model.scheduler, name="ddim", steps=3)
+    expected = SamplingModule(q, sampler, seed=0).predict_step(torch.arange(4))["images"]
+    unquantized = SamplingModule(model.unet.eval(), sampler, seed=0).predict_step(torch.arange(4))["images"]
+
+    run = tmp_path / "run"
+    _evaluate(f"model.pretrained={random_model_dir}", f"quantized={job}", f"data.root={image_folder_root}",
+              "eval.num_samples=4", "eval.batch_size=4", "sampler.steps=3", "metrics.kid_subset_size=4",
+              f"hydra.run.dir={run}")
+    got = load_shards(run / "samples", 4)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, unquantized)
+    assert json.loads((run / "results.json").read_text())["quantized"] == str(job)
+
+    proc = _evaluate(f"model.pretrained={random_model_dir}", f"quantized={tmp_path / 'nope'}",
+                     f"hydra.run.dir={tmp_path / 'run2'}", check=False)
+    assert proc.returncode != 0 and "quantized=" in proc.stderr and "no quantized checkpoint" in proc.stderr
+    assert not (tmp_path / "run2" / "samples").exists()

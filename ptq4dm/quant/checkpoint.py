@@ -44,9 +44,24 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     return path
 
 
+def checkpoint_path(folder: str | Path) -> Path:
+    """``folder/quantization.safetensors``, or ``folder`` itself when it is that file."""
+    path = Path(folder).expanduser()
+    return path / FILENAME if path.is_dir() else path
+
+
+def read_quant_config(folder: str | Path) -> QuantConfig:
+    """The QuantConfig a checkpoint was made with (without loading its tensors)."""
+    path = checkpoint_path(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantized checkpoint at {path} (a ptq4dm.run job folder holds {FILENAME})")
+    with safe_open(str(path), framework="pt") as f:
+        return QuantConfig(**json.loads(f.metadata()["ptq4dm"])["quant_config"])
+
+
 def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None) -> nn.Module:
     """Quantize ``model`` (full precision, same architecture) in place as saved; every tensor must match."""
-    path = Path(folder) / FILENAME if Path(folder).is_dir() else Path(folder)
+    path = checkpoint_path(folder)
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["ptq4dm"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
