@@ -5,12 +5,17 @@ import re
 from tests.conftest import REPO
 
 
-def test_readme_api_example(capsys):
+import pytest
+
+
+@pytest.mark.parametrize(("name", "prints"), [("api", "quantizers calibrated in"),
+                                              ("custom", "custom network: 6 quantizers calibrated, samples (2, 3, 16, 16)")])  # 3 layers x (weight, input)
+def test_readme_python_examples_run_as_written(name, prints, capsys):
     text = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- example: api -->\s*```python\n(.*?)```", text, re.S)
-    assert block, "the README lost its API example"
+    block = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert block, f"the README lost its {name} example"
     exec(compile(block.group(1), "README.md", "exec"), {})
-    assert "quantizers calibrated in" in capsys.readouterr().out
+    assert prints in capsys.readouterr().out
 
 
 def test_readme_test_command_is_what_ci_runs():
