@@ -36,11 +36,19 @@ def test_ptq4dm_preset_wraps_every_conv_and_linear_and_keeps_edges_at_8_bits():
     quantize_(model, recipe.quant)
     assert _wrapped(model) == expected
     assert not any(isinstance(getattr(m, "processor", None), QuantAttnProcessor) for m in model.modules())
-    bits = {n: (m.weight_quantizers[0].spec.bits, m.input_quantizers[0].spec.bits)
-            for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    assert not layers["conv_in"].input_quantizers  # the network's input x_t stays in full precision
+    bits = {n: (m.weight_quantizers[0].spec.bits, m.input_quantizers[0].spec.bits if m.input_quantizers else 8)
+            for n, m in layers.items()}
     assert bits["conv_in"] == (8, 8) and bits["conv_out"] == (8, 8)
     assert {b for n, b in bits.items() if n not in ("conv_in", "conv_out")} == {(4, 8)}
     assert all(m.weight_quantizers[0].spec.per_channel for m in model.modules() if isinstance(m, QuantLayer))
+
+
+def test_network_input_switch_quantizes_x_t_at_the_first_layer():
+    model = _tiny()
+    quantize_(model, recipe_from_config(compose_run("ops=ptq4dm", "ops.network_input=true")).quant)
+    assert model.conv_in.input_quantizers[0].spec.bits == 8
 
 
 def test_all_preset_adds_the_attention_matmuls():

@@ -32,10 +32,10 @@ stream() {  # experiment:bits ...
   done
 }
 stream main_10k:w8a8 main_10k:w4a8 table5_samplers:w8a8 table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
-stream table2_calib_source:w8a8 table4_metric:w8a8 table1_outputs:w8a8 \
-       table2_calib_source:w4a8 table4_metric:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &
-stream figure4_single_t:w8a8 table3_timesteps:w8a8 table3_ndtc_grid:w8a8 \
-       figure4_single_t:w4a8 table3_timesteps:w4a8 table3_ndtc_grid:w4a8 > "$STATE/logs/C.log" 2>&1 &
+stream table4_metric:w8a8 table2_calib_source:w8a8 table1_outputs:w8a8 \
+       table4_metric:w4a8 table2_calib_source:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &
+stream table3_timesteps:w8a8 figure4_single_t:w8a8 table3_ndtc_grid:w8a8 \
+       table3_timesteps:w4a8 figure4_single_t:w4a8 table3_ndtc_grid:w4a8 > "$STATE/logs/C.log" 2>&1 &
 wait
 grep -h "start\|done" "$STATE"/logs/[ABC].log
 echo "$(date +%T) QUEUE DONE"

@@ -73,7 +73,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     """Every axis checked for types and ranges, then turned into the objects a job runs with."""
     ops, bits = cfg.ops, cfg.bits
     _check_types(ops, "ops", {"conv": bool, "linear": bool, "attn_matmul": bool, "shortcut_split": bool,
-                              "first_last_bits": (int, type(None))})
+                              "network_input": bool, "first_last_bits": (int, type(None))})
     _check_types(bits, "bits", {"weight_symmetric": bool, "weight_per_channel": bool, "act_symmetric": bool})
     _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int})
     _check_types(cfg.calib, "calib", {"num_samples": int, "batch_size": int, "seed": int})
@@ -87,7 +87,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         weight_bits=bits.weight, act_bits=bits.act, weight_symmetric=bits.weight_symmetric,
         weight_per_channel=bits.weight_per_channel, act_symmetric=bits.act_symmetric, conv=ops.conv,
         linear=ops.linear, attn_matmul=ops.attn_matmul, first_last_bits=ops.first_last_bits,
-        shortcut_split=ops.shortcut_split, exclude=tuple(ops.exclude), sampler_outputs=tuple(ops.sampler_outputs))
+        network_input=ops.network_input, shortcut_split=ops.shortcut_split, exclude=tuple(ops.exclude), sampler_outputs=tuple(ops.sampler_outputs))
     check_sampler_outputs(quant.sampler_outputs, sampler)
     calibration = CalibrationRecipe(
         timesteps=_instantiate(cfg.calib.timesteps, "calib.timesteps", TimestepDistribution),

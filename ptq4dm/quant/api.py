@@ -35,10 +35,11 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise ValueError("model is already quantized")
     names = quantizable_layers(model, config)
     edges = {names[0], names[-1]} if names and config.first_last_bits else set()
-    for name in names:
+    for i, name in enumerate(names):
         bits = config.first_last_bits if name in edges else None
         layer = model.get_submodule(name)
-        _set_submodule(model, name, QuantLayer(layer, config.weight_spec(bits), config.act_spec(bits)))
+        act = config.act_spec(bits) if i > 0 or config.network_input else None  # names[0] reads x_t itself
+        _set_submodule(model, name, QuantLayer(layer, config.weight_spec(bits), act))
     if config.attn_matmul:
         for name, m in model.named_modules():
             if hasattr(m, "set_processor") and hasattr(m, "to_q") \

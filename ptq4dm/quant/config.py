@@ -14,7 +14,11 @@ class QuantConfig:
     """Bit-widths and the operations that are quantized.
 
     ``weight_bits`` / ``act_bits`` of None leave weights / activations in full precision. ``first_last_bits``
-    raises both to at least that width for the first and last quantized layers (8 in the PTQ4DM reference code). ``exclude`` holds
+    raises both to at least that width for the first and last quantized layers (8 in the PTQ4DM reference code).
+    ``network_input`` also quantizes the first layer's input, the network's own input x_t: off by default, as
+    in the PTQ4DM and Q-Diffusion reference code, whose activation quantizers sit on layer outputs. At late
+    steps x_t differs from the image by noise smaller than an 8-bit step over its range, so rounding it
+    erases what the network must predict. ``exclude`` holds
     fnmatch patterns of module names left in full precision. ``sampler_outputs`` lists the sampler quantities
     quantized at ``act_bits`` (PTQ4DM Table 1): any of mean, variance, x_prev.
     """
@@ -28,6 +32,7 @@ class QuantConfig:
     linear: bool = True
     attn_matmul: bool = False
     first_last_bits: int | None = 8
+    network_input: bool = False
     shortcut_split: bool = False
     exclude: tuple[str, ...] = ()
     sampler_outputs: tuple[str, ...] = field(default_factory=tuple)

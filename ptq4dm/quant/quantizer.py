@@ -38,15 +38,22 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
-    """Round ``x`` onto the integer grid and map it back: the only place rounding and clamping happen."""
-    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  inv_scale: torch.Tensor | None = None):
+    """Round ``x`` onto the integer grid and map it back: the only place rounding and clamping happen.
+
+    ``x * (1 / scale)`` rather than ``x / scale``: a product rounds the same in every backend, whereas compiled
+    GPU kernels may divide approximately and so round a few values to the neighbouring level.
+    """
+    inv_scale = scale.reciprocal() if inv_scale is None else inv_scale
+    return (torch.clamp(torch.round(x * inv_scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
-def fake_quantize_in_fp32(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+def fake_quantize_in_fp32(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                          inv_scale: torch.Tensor | None = None):
     """``fake_quantize`` computed in float32 and returned in ``x``'s dtype: bf16's 8-bit mantissa cannot tell
     neighbouring 8-bit levels apart."""
-    return fake_quantize(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+    return fake_quantize(x.float(), scale, zero_point, qmin, qmax, inv_scale).to(x.dtype)
 
 
 @functools.cache
@@ -123,9 +130,11 @@ class Quantizer(nn.Module):
         scale = self._broadcast(self.scale, x.ndim)
         zero_point = self._broadcast(self.zero_point, x.ndim)
         if self.fused and x.is_cuda and scale.ndim == 0:
-            # Flattened, one compiled kernel serves every activation shape (no recompiles per rank or size).
+            # Flattened, one compiled kernel serves every activation shape (no recompiles per rank or size); the
+            # reciprocal is computed outside it, exactly as the eager path computes it.
             try:
-                flat = fused_fake_quantize_in_fp32()(x.reshape(-1), scale, zero_point, self.spec.qmin, self.spec.qmax)
+                flat = fused_fake_quantize_in_fp32()(x.reshape(-1), scale, zero_point, self.spec.qmin, self.spec.qmax,
+                                                     scale.reciprocal())
                 return flat.view(x.shape)
             except Exception as err:  # noqa: BLE001 - no working compiler (e.g. Triton missing): same math, eager
                 log.warning("fused fake-quant kernel unavailable (%s: %s); using eager ops", type(err).__name__, err)
