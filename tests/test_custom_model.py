@@ -29,7 +29,8 @@ def test_the_core_sweep_runs_unchanged_with_a_custom_model(tmp_path):
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(4)]
     assert all(r["status"] == "ok" and r["axes"]["model"] == "custom" for r in results)
     ranges = (sweep / "0" / "ranges.csv").read_text()
-    assert "inp,input" in ranges and "out,weight" in ranges and "time.0,input" in ranges
+    assert "mid,input" in ranges and "out,weight" in ranges and "time.0,input" in ranges
+    assert "inp,input" not in ranges  # the layer reading x_t itself keeps its input in full precision
     assert (sweep / "summary.md").exists()
 
 

@@ -36,19 +36,28 @@ def test_ptq4dm_preset_wraps_every_conv_and_linear_and_keeps_edges_at_8_bits():
     quantize_(model, recipe.quant)
     assert _wrapped(model) == expected
     assert not any(isinstance(getattr(m, "processor", None), QuantAttnProcessor) for m in model.modules())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
-    assert not layers["conv_in"].input_quantizers  # the network's input x_t stays in full precision
-    bits = {n: (m.weight_quantizers[0].spec.bits, m.input_quantizers[0].spec.bits if m.input_quantizers else 8)
-            for n, m in layers.items()}
+    bits = {n: (m.weight_quantizers[0].spec.bits, m.input_quantizers[0].spec.bits)
+            for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     assert bits["conv_in"] == (8, 8) and bits["conv_out"] == (8, 8)
     assert {b for n, b in bits.items() if n not in ("conv_in", "conv_out")} == {(4, 8)}
     assert all(m.weight_quantizers[0].spec.per_channel for m in model.modules() if isinstance(m, QuantLayer))
 
 
-def test_network_input_switch_quantizes_x_t_at_the_first_layer():
+@pytest.mark.parametrize("network_input", [False, True])
+def test_the_network_input_stays_full_precision_unless_asked(network_input):
+    """Calibration finds the layer that reads x_t itself (conv_in here) and leaves its input quantizer off."""
+    from ptq4dm.api import as_denoiser
+    from ptq4dm.calibration import RangeSearch, calibrate_
+    from ptq4dm.calibration.calibset import CalibrationSet
+
     model = _tiny()
-    quantize_(model, recipe_from_config(compose_run("ops=ptq4dm", "ops.network_input=true")).quant)
-    assert model.conv_in.input_quantizers[0].spec.bits == 8
+    quantize_(model, recipe_from_config(compose_run("ops=ptq4dm", f"ops.network_input={network_input}")).quant)
+    calib = CalibrationSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 300, 600, 999]), torch.zeros(4))
+    ranges = calibrate_(model, as_denoiser(model), calib, RangeSearch(num_candidates=5, max_values=1024), 4,
+                        progress=False)
+    assert model.conv_in.input_quantizers[0].enabled is network_input
+    assert (("conv_in", "input") in {(r.quantizer, r.tensor) for r in ranges}) is network_input
+    assert model.down_blocks[0].resnets[0].conv1.input_quantizers[0].enabled
 
 
 def test_all_preset_adds_the_attention_matmuls():

@@ -102,6 +102,14 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
         split_shortcuts_(network, *((x, t) if cond is None else (x, t, cond)))
 
     layers = {name: m for name, m in network.named_modules() if isinstance(m, QuantLayer)}
+    # The network's own input x_t stays in full precision unless the config says otherwise (QuantConfig).
+    keep_fp = set()
+    if config is not None and not config.network_input:
+        from ptq4dm.quant.api import layers_reading_input
+
+        x, t, cond = next(calibration.batches(1, device))
+        keep_fp = {f"{n}.input_quantizers.{i}" for n in layers_reading_input(network, forward, x, t, cond)
+                   for i in range(len(layers[n].input_quantizers))}
     weight_quantizers = {f"{n}.weight_quantizers.{i}": (m, i, q) for n, m in layers.items()
                          for i, q in enumerate(m.weight_quantizers)}
     act_quantizers = {n: q for n, q in network.named_modules()
@@ -125,7 +133,7 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
     for name, kind in tqdm(todo, desc="range search", disable=not progress, leave=False):
         if kind == "act":
             q, obs = act_quantizers[name], observers[name]
-            if obs.min is None:  # never called (e.g. an unused branch): leave it in full precision
+            if obs.min is None or name in keep_fp:  # never called (an unused branch), or x_t: full precision
                 q.enabled = False
                 continue
             x, xmin, xmax = obs.values(), obs.min, obs.max

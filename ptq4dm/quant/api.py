@@ -35,11 +35,10 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise ValueError("model is already quantized")
     names = quantizable_layers(model, config)
     edges = {names[0], names[-1]} if names and config.first_last_bits else set()
-    for i, name in enumerate(names):
+    for name in names:
         bits = config.first_last_bits if name in edges else None
         layer = model.get_submodule(name)
-        act = config.act_spec(bits) if i > 0 or config.network_input else None  # names[0] reads x_t itself
-        _set_submodule(model, name, QuantLayer(layer, config.weight_spec(bits), act))
+        _set_submodule(model, name, QuantLayer(layer, config.weight_spec(bits), config.act_spec(bits)))
     if config.attn_matmul:
         for name, m in model.named_modules():
             if hasattr(m, "set_processor") and hasattr(m, "to_q") \
@@ -82,6 +81,24 @@ def split_shortcuts_(model: nn.Module, *example_args, **example_kwargs) -> dict[
                     layer.set_split(split)
                     splits[f"{block_name}.resnets.{i}.{attr}"] = split
     return splits
+
+
+@torch.no_grad()
+def layers_reading_input(model: nn.Module, forward, x: torch.Tensor, *args) -> list[str]:
+    """Names of the QuantLayers that ``forward(x, *args)`` feeds with ``x`` itself (the network's input)."""
+    found, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            def hook(module, inputs, name=name):
+                if inputs[0].data_ptr() == x.data_ptr() and inputs[0].shape == x.shape:
+                    found.append(name)
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        forward(x, *args)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def quantizers(model: nn.Module) -> dict[str, Quantizer]:
