@@ -57,6 +57,10 @@ class Sampler:
         step_params = inspect.signature(self.scheduler.step).parameters
         self._step_kwargs = {"eta": self.eta} if "eta" in step_params else {}
         self._takes_generator = "generator" in step_params
+        # A network with a learned variance (improved-diffusion, learn_sigma) outputs [eps, v]: 2C channels.
+        # DDPM with variance_type learned/learned_range consumes both; the other samplers take eps only.
+        self._learned_variance = isinstance(self.scheduler, DDPMScheduler) and \
+            self.scheduler.config.variance_type in ("learned", "learned_range")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -87,7 +91,7 @@ class Sampler:
             model_input = scheduler.scale_model_input(x, t)
             if on_step is not None:
                 on_step(i, t, model_input)
-            eps = model(model_input, t.to(x.device))
+            eps = self._model_output(model(model_input, t.to(x.device)), x)
             if output_quantizer is not None:
                 x = output_quantizer.step(scheduler, eps, t, x, self._step_kwargs, generators)
             else:
@@ -98,6 +102,16 @@ class Sampler:
             if not torch.isfinite(x).all():  # one device sync a step: cheap next to a network call
                 raise FloatingPointError(f"non-finite values after sampler step {i} (t={int(t)})")
         return x.clamp(-1, 1) if num_steps is None else x
+
+    def _model_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the scheduler's step takes: [eps, v] for a learned-variance DDPM, eps otherwise."""
+        c = x.shape[1]
+        if self._learned_variance:
+            if out.shape[1] != 2 * c:
+                raise ValueError(f"the model's scheduler has variance_type={self.scheduler.config.variance_type!r}, "
+                                 f"which needs [eps, v] ({2 * c} channels), but the network returned {out.shape[1]}")
+            return out
+        return out[:, :c] if out.shape[1] == 2 * c else out  # drop a learned variance this sampler cannot use
 
     def _fresh_scheduler(self) -> SchedulerMixin:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)

@@ -1,5 +1,6 @@
 """The model a job uses, from its ``model/`` config: an embedded or on-disk diffusers pipeline folder
-(``model.pretrained``), or your own network (``model.factory`` with ``_target_``, ``model.checkpoint``)."""
+(``model.pretrained``), your own network (``model.factory`` with ``_target_``, ``model.checkpoint``), or an
+improved-diffusion checkpoint (``model.improved_diffusion`` with its flags, ``model.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from ptq4dm.models.improved_diffusion import load_improved_diffusion_model
 from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler, load_diffusion_model, resolve_model_dir
 from ptq4dm.utils.checkpoints import load_checkpoint
 
 
 def load_model(cfg: DictConfig) -> DiffusionModel:
+    if cfg.get("improved_diffusion") is not None:
+        return load_improved_diffusion_model(
+            cfg.get("checkpoint"), OmegaConf.to_container(cfg.improved_diffusion, resolve=True),
+            OmegaConf.to_container(cfg.scheduler, resolve=True), cfg.name, download_url=cfg.get("download_url"),
+            checkpoint_env=cfg.get("checkpoint_env"), trusted=cfg.get("trust_checkpoint", False))
     if cfg.get("factory") is None:
         return load_diffusion_model(cfg.pretrained)
     net = instantiate(cfg.factory)
@@ -35,7 +42,7 @@ def load_model(cfg: DictConfig) -> DiffusionModel:
 def model_identity(cfg: DictConfig) -> str:
     """A digest of everything of the model that shapes its samples (for caches)."""
     h = hashlib.sha1()
-    if cfg.get("factory") is None:
+    if cfg.get("factory") is None and cfg.get("improved_diffusion") is None:
         folder = resolve_model_dir(cfg.pretrained)
         files = sorted((folder / "unet").glob("*.safetensors")) + [folder / "unet" / "config.json",
                                                                    folder / "scheduler" / "scheduler_config.json"]
