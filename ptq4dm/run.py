@@ -56,7 +56,8 @@ def sample_full_precision(cfg: DictConfig, unet, sampler: Sampler, trainer_kwarg
                           image_shape: tuple[int, int, int]) -> torch.Tensor | None:
     """FP images from the shared cache, sampling only the batches no earlier job made (None off rank 0)."""
     folder = fp_cache_dir(cfg)
-    module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision, image_shape=image_shape)
+    module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision, image_shape=image_shape,
+                            compile=cfg.eval.compile)
     t0 = time.perf_counter()
     images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, folder / "shards", trainer_kwargs)
     timing_file = folder / "timing.json"
@@ -153,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
     # Every DDP rank takes part in both sampling runs; rank 0 alone scores and writes.
     fp_images = sample_full_precision(cfg, model.unet, sampler, trainer_kwargs, model.image_shape)
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
-                       progress=bool(cfg.progress), image_shape=model.image_shape)
+                       progress=bool(cfg.progress), image_shape=model.image_shape, compile=cfg.eval.compile)
     t0 = time.perf_counter()
     q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
     if q_images is None or fp_images is None:

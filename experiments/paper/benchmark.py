@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--images", type=int, default=2000, help="images per timed sampling run")
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time FP and quantized sampling through torch.compile of the whole network")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides of conf/run.yaml")
     args = parser.parse_args()
 
@@ -83,6 +85,16 @@ def main() -> None:
             seconds, images = timed(lambda: sample(ptq, n, bs), device)
             runs["fused" if fused else "eager"] = (seconds, images)
 
+        if args.compile:  # both networks compiled whole: the fair comparison when fake quantization fuses
+            fp_c = SamplingModule(model.unet, sampler, seed=cfg.seed, precision=precision,
+                                  image_shape=model.image_shape, compile=True).to(device).eval()
+            sample(fp_c, bs, bs)
+            fp_c_seconds, _ = timed(lambda: sample(fp_c, n, bs), device)
+            set_fused_kernels(ptq.unet, False)
+            ptq.compile = True
+            sample(ptq, bs, bs)
+            q_c_seconds, _ = timed(lambda: sample(ptq, n, bs), device)
+
     same = (runs["fused"][1] == runs["eager"][1]).float().mean().item()
     results = {
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
@@ -102,6 +114,8 @@ def main() -> None:
         "ratio_fused": runs["fused"][0] / fp_seconds,
         "ratio_eager": runs["eager"][0] / fp_seconds,
         "fused_equals_eager_pixel_fraction": same,
+        **({"sampling_seconds_fp_compiled": fp_c_seconds, "sampling_seconds_quantized_compiled": q_c_seconds,
+            "ratio_compiled": q_c_seconds / fp_c_seconds} if args.compile else {}),
         "quantized_vs_fp_pixel_mae": (runs["fused"][1].float() - fp_images.float()).abs().mean().item(),
     }
     with open(args.out, "w") as f:

@@ -39,11 +39,13 @@ class SamplingModule(pl.LightningModule):
     """Samples uint8 images for batches of image indices with ``sampler`` and the epsilon network ``unet``."""
 
     def __init__(self, unet: torch.nn.Module, sampler: Sampler, seed: int = 0, precision: str = "fp32",
-                 image_shape: tuple[int, int, int] | None = None):
+                 image_shape: tuple[int, int, int] | None = None, compile: bool = False):
         super().__init__()
         if precision not in _DTYPES:
             raise ValueError(f"eval.precision={precision!r} is not one of {sorted(_DTYPES)}")
         self.unet, self.sampler, self.seed, self.precision = unet, sampler, seed, precision
+        self.compile = compile  # sample through torch.compile(unet.forward): one graph, elementwise ops fused
+        self._compiled_forward = None  # a function, not a module: stays out of the state dict
         self.output_quantizer = None  # quantizes the sampler's own outputs (PTQ4DM Table 1), if set
         config = getattr(unet, "config", None)
         self.image_shape = image_shape or (config.in_channels, config.sample_size, config.sample_size)
@@ -53,9 +55,17 @@ class SamplingModule(pl.LightningModule):
         dtype = _DTYPES[self.precision] if device.type == "cuda" else None
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
+    def network(self):
+        """What sampling calls: the network, or its compiled forward (compiled on first use)."""
+        if not self.compile:
+            return self.unet
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.unet.forward)
+        return self._compiled_forward
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with self.autocast(x.device):
-            out = self.unet(x, t.expand(x.shape[0]))
+            out = self.network()(x, t.expand(x.shape[0]))
         return (out.sample if hasattr(out, "sample") else out).float()
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int = 0) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ def fp_cache_dir(cfg: DictConfig) -> Path:
     ident = {"model": model_identity(cfg.model), "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
              "seed": cfg.seed, "num_samples": cfg.eval.num_samples, "batch_size": cfg.eval.batch_size,
              "precision": cfg.eval.precision if gpu else "fp32", "device": "cuda" if gpu else "cpu",
+             "compile": bool(cfg.eval.get("compile", False)),
              # the cached features and scores depend on these too
              "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
              "data": OmegaConf.to_container(cfg.data, resolve=True)}

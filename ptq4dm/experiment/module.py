@@ -21,16 +21,19 @@ from ptq4dm.calibration.search import search_range
 from ptq4dm.diffusion import Sampler, seeded_generators
 from ptq4dm.evaluation.sampling import SamplingModule
 from ptq4dm.experiment.recipe import PTQRecipe
-from ptq4dm.quant import quantize_
+from ptq4dm.quant import quantize_, set_fused_kernels
 from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 
 
 class PTQModule(SamplingModule):
     def __init__(self, fp_unet: nn.Module, sampler: Sampler, calib_sampler: Sampler, recipe: PTQRecipe,
                  seed: int = 0, precision: str = "fp32", calib_images: torch.Tensor | None = None,
-                 progress: bool = True, image_shape: tuple[int, int, int] | None = None):
+                 progress: bool = True, image_shape: tuple[int, int, int] | None = None, compile: bool = False):
         quantized = quantize_(copy.deepcopy(fp_unet).eval(), recipe.quant)
-        super().__init__(quantized, sampler, seed=seed, precision=precision, image_shape=image_shape)
+        super().__init__(quantized, sampler, seed=seed, precision=precision, image_shape=image_shape,
+                         compile=compile)
+        if compile:  # the whole network is compiled: its fake-quant ops fuse into the graph, no kernel of their own
+            set_fused_kernels(quantized, False)
         self.fp_unet = fp_unet.eval()
         self.calib_sampler, self.recipe, self.calib_images, self.progress = calib_sampler, recipe, calib_images, progress
         self.ranges: list[RangeChoice] | None = None

@@ -77,6 +77,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     _check_types(bits, "bits", {"weight_symmetric": bool, "weight_per_channel": bool, "act_symmetric": bool})
     _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int})
     _check_types(cfg.calib, "calib", {"num_samples": int, "batch_size": int, "seed": int})
+    _check_types(cfg.eval, "eval", {"num_samples": int, "batch_size": int, "compile": bool})
     T = cfg.model.scheduler.num_train_timesteps
     sampler = check_sampler(cfg.sampler, "sampler", T)
     for key in ("weight", "act"):
