@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 from ptq4dm.api import QuantizationReport, as_denoiser, quantize  # noqa: E402
 from ptq4dm.calibration import CalibrationRecipe, RangeSearch  # noqa: E402
-from ptq4dm.diffusion import Sampler  # noqa: E402
+from ptq4dm.diffusion import Conditioning, Sampler  # noqa: E402
 from ptq4dm.quant import QuantConfig, quantize_  # noqa: E402
 
-__all__ = ["CalibrationRecipe", "QuantConfig", "QuantizationReport", "RangeSearch", "Sampler", "as_denoiser",
+__all__ = ["CalibrationRecipe", "Conditioning", "QuantConfig", "QuantizationReport", "RangeSearch", "Sampler", "as_denoiser",
            "quantize", "quantize_"]

@@ -9,6 +9,10 @@ Sources:
 
 Every t is one of the sampler's own time steps and every x is passed through ``scale_model_input``, so a
 calibration input is what the network sees at inference, respaced schedules included.
+
+A conditional network is calibrated with a Conditioning of one row per sample: Trajectory samples with it,
+and each sample's cond is what the network is fed with its x (under classifier-free guidance, two rows). The
+image sources pair row i with the i-th drawn image as is: they do not know the images' own labels.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptq4dm.calibration.timesteps import TimestepDistribution
+from ptq4dm.diffusion.conditioning import Conditioning
 from ptq4dm.diffusion.sampler import Sampler, seeded_generators
 
 
@@ -28,7 +33,7 @@ class CalibrationSet:
     x: torch.Tensor  # (N, C, H, W) network inputs
     t: torch.Tensor  # (N,) time steps fed with them
     step_index: torch.Tensor  # (N,) index of t in the sampler's step list (-1 where not from a sampler)
-    cond: torch.Tensor | None = None  # (N, ...) conditioning fed with them, if any
+    cond: torch.Tensor | None = None  # (N, ...) conditioning fed with them, if any (build_calibration_set)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -42,22 +47,28 @@ class CalibrationSet:
             yield self.x[s: s + batch_size].to(device), self.t[s: s + batch_size].to(device), cond
 
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[..., torch.Tensor]  # denoise(x, t) or, with conditioning, denoise(x, t, cond)
 
 
 class CalibrationSource:
     needs_images = False
 
     def build(self, denoise: Denoiser, sampler: Sampler, steps: torch.Tensor, seed: int, batch_size: int,
-              device, image_shape, images: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
-        """Network inputs (N, C, H, W) for the sampler steps ``steps`` (N,)."""
+              device, image_shape, images: torch.Tensor | None = None, progress: bool = True,
+              conditioning: Conditioning | None = None) -> torch.Tensor:
+        """Network inputs (N, C, H, W) for the sampler steps ``steps`` (N,).
+
+        ``conditioning`` (N rows, sample i conditioned on row i) is passed only when given; sources whose x
+        does not depend on it ignore it.
+        """
         raise NotImplementedError
 
 
 class Trajectory(CalibrationSource):
     """Inputs from the full-precision model's own denoising trajectories, one trajectory per sample."""
 
-    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
+              conditioning=None):
         out = torch.empty(len(steps), *image_shape)
         order = torch.argsort(steps, stable=True)  # batches of similar depth stop early together
         for s in tqdm(range(0, len(steps), batch_size), desc="calibration trajectories", disable=not progress,
@@ -68,12 +79,14 @@ class Trajectory(CalibrationSource):
             noise = sampler.initial_noise(generators, image_shape, device)
             kept = torch.empty(len(idx), *image_shape, device=device)
 
-            def keep(i, t, x):
+            def keep(i, t, x, cond=None):
+                x = x[-len(idx):]  # under guidance the network gets [x; x]: both halves are the same state
                 hit = want == i
                 if hit.any():
                     kept[hit] = x[hit]
 
-            sampler.sample(denoise, noise, generators, on_step=keep, num_steps=int(want.max()) + 1)
+            sampler.sample(denoise, noise, generators, on_step=keep, num_steps=int(want.max()) + 1,
+                           conditioning=None if conditioning is None else conditioning[idx])
             out[idx] = kept.float().cpu()
         return out
 
@@ -83,7 +96,8 @@ class ForwardNoised(CalibrationSource):
 
     needs_images = True
 
-    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
+              conditioning=None):
         g = torch.Generator().manual_seed(seed)
         x0 = _pick_images(images, len(steps), g)
         t = sampler.timesteps[steps]
@@ -96,7 +110,8 @@ class RawImages(CalibrationSource):
 
     needs_images = True
 
-    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
+              conditioning=None):
         x0 = _pick_images(images, len(steps), torch.Generator().manual_seed(seed))
         return _scale_inputs(sampler, x0, sampler.timesteps[steps])
 
@@ -104,7 +119,8 @@ class RawImages(CalibrationSource):
 class PureNoise(CalibrationSource):
     """Gaussian noise x ~ N(0, I), fed with the drawn step."""
 
-    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True):
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
+              conditioning=None):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(len(steps), *image_shape, generator=g) * sampler.scheduler.init_noise_sigma
         return _scale_inputs(sampler, x, sampler.timesteps[steps])
@@ -125,16 +141,35 @@ def _scale_inputs(sampler: Sampler, x: torch.Tensor, t: torch.Tensor) -> torch.T
 def build_calibration_set(denoise: Denoiser, sampler: Sampler, timesteps: TimestepDistribution,
                           source: CalibrationSource, num_samples: int, image_shape: tuple[int, int, int],
                           seed: int = 1234, batch_size: int = 256, device="cpu",
-                          images: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
-    """Draw ``num_samples`` time steps and build the inputs the network sees at them."""
+                          images: torch.Tensor | None = None, progress: bool = True,
+                          conditioning: Conditioning | None = None) -> CalibrationSet:
+    """Draw ``num_samples`` time steps and build the inputs the network sees at them.
+
+    With ``conditioning`` (one row per sample: sample i is conditioned on row i) the set's ``cond`` is what
+    the network is fed with each x. Under classifier-free guidance the network gets every x twice, so sample
+    i gives two rows with the same x and t: 2i with the unconditional input, 2i + 1 with the conditional one.
+    """
     if num_samples < 1:
         raise ValueError(f"calib.num_samples={num_samples}: allowed is 1 or more")
+    if conditioning is not None and len(conditioning) != num_samples:
+        raise ValueError(f"conditioning has {len(conditioning)} rows but calib.num_samples={num_samples}: allowed is "
+                         "one row per calibration sample (pick rows with conditioning[indices])")
     steps = timesteps.draw(num_samples, sampler.timesteps, sampler.num_train_timesteps,
                            torch.Generator().manual_seed(seed))
-    x = source.build(denoise, sampler, steps, seed, batch_size, device, image_shape, images, progress)
+    # Sources written before conditioning existed keep working for unconditional models.
+    extra = {} if conditioning is None else {"conditioning": conditioning}
+    x = source.build(denoise, sampler, steps, seed, batch_size, device, image_shape, images, progress, **extra)
     if not torch.isfinite(x).all():
         raise FloatingPointError("non-finite calibration inputs")
-    return CalibrationSet(x=x, t=sampler.timesteps[steps].clone(), step_index=steps)
+    t = sampler.timesteps[steps].clone()
+    if conditioning is None:
+        return CalibrationSet(x=x, t=t, step_index=steps)
+    # The very function the sampler feeds the network with, then sample by sample: [u_0, c_0, u_1, c_1, ...]
+    x, cond = conditioning.network_inputs(x)
+    copies = len(x) // num_samples
+    rows = torch.arange(len(x)).view(copies, num_samples).T.flatten()
+    return CalibrationSet(x=x[rows], t=t.repeat_interleave(copies), step_index=steps.repeat_interleave(copies),
+                          cond=cond.cpu()[rows])
 
 
 @dataclass
@@ -154,6 +189,8 @@ class CalibrationRecipe:
             raise ValueError(f"calib.batch_size={self.batch_size!r}: allowed is a whole number of 1 or more")
 
     def build(self, denoise: Denoiser, sampler: Sampler, image_shape: tuple[int, int, int], device="cpu",
-              images: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+              images: torch.Tensor | None = None, progress: bool = True,
+              conditioning: Conditioning | None = None) -> CalibrationSet:
+        """The calibration set; ``conditioning`` has one row per sample (see build_calibration_set)."""
         return build_calibration_set(denoise, sampler, self.timesteps, self.source, self.num_samples, image_shape,
-                                     self.seed, self.batch_size, device, images, progress)
+                                     self.seed, self.batch_size, device, images, progress, conditioning)

@@ -20,6 +20,8 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from ptq4dm.diffusion.conditioning import Conditioning
+
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
@@ -75,23 +77,42 @@ class Sampler:
         return randn_tensor((len(generators), *shape), generator=generators, device=torch.device(device), dtype=dtype)
 
     @torch.no_grad()
-    def sample(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+    def sample(self, model: Callable[..., torch.Tensor], noise: torch.Tensor,
                generators: list[torch.Generator] | None = None,
-               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-               num_steps: int | None = None, output_quantizer=None) -> torch.Tensor:
+               on_step: Callable[..., None] | None = None,
+               num_steps: int | None = None, output_quantizer=None,
+               conditioning: Conditioning | None = None) -> torch.Tensor:
         """Run the reverse process from ``noise``; returns x_0 in [-1, 1] (or x after ``num_steps`` steps).
 
         ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input exactly
         as the network gets it. ``output_quantizer`` (a SamplerOutputQuantizer) quantizes the step's mean,
         variance and x_{t-1}. A fresh copy of the scheduler state is used, so a Sampler is reusable.
+
+        With ``conditioning`` (one row per image) the network is called as ``model(x, t, cond)``, under
+        classifier-free guidance once on ([x; x], [uncond; cond]) (see Conditioning), and the callback as
+        ``on_step(i, t, x, cond)`` with both inputs exactly as the network gets them.
         """
+        if conditioning is not None:
+            if len(conditioning) != len(noise):
+                raise ValueError(f"conditioning has {len(conditioning)} rows but noise has {len(noise)} images: "
+                                 "allowed is one row per image")
+            if on_step is not None:
+                _check_takes_cond(on_step)
+            conditioning = conditioning.to(noise.device)
         scheduler = self._fresh_scheduler()
         x = noise * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps[:num_steps]):
             model_input = scheduler.scale_model_input(x, t)
-            if on_step is not None:
-                on_step(i, t, model_input)
-            eps = self._model_output(model(model_input, t.to(x.device)), x)
+            if conditioning is None:
+                if on_step is not None:
+                    on_step(i, t, model_input)
+                out = model(model_input, t.to(x.device))
+            else:
+                net_x, net_cond = conditioning.network_inputs(model_input)
+                if on_step is not None:
+                    on_step(i, t, net_x, net_cond)
+                out = conditioning.guide(model(net_x, t.to(x.device), net_cond), channels=x.shape[1])
+            eps = self._model_output(out, x)
             if output_quantizer is not None:
                 x = output_quantizer.step(scheduler, eps, t, x, self._step_kwargs, generators)
             else:
@@ -117,6 +138,16 @@ class Sampler:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(self.steps)
         return scheduler
+
+
+def _check_takes_cond(on_step: Callable) -> None:
+    try:
+        inspect.signature(on_step).bind(0, None, None, None)
+    except TypeError:
+        raise TypeError("on_step must take (i, t, x, cond) when conditioning is given: it is shown the network's "
+                        "conditioning input too") from None
+    except ValueError:  # no inspectable signature (a builtin): trust the caller
+        pass
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
