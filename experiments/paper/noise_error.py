@@ -1,0 +1,64 @@
+"""A CPU proxy for choosing quantization settings before spending GPU time on FID: calibrate small_cifar10 with
+each variant and measure the relative error of the predicted noise, ||eps_q - eps_fp||^2 / ||eps_fp||^2, on 40
+held-out inputs from the FP model's own DDIM trajectories (time steps uniform over the sampler's steps).
+
+    python experiments/paper/noise_error.py > experiments/results/noise_error_cpu.txt
+
+Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS to add one.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from ptq4dm.calibration import Trajectory, Uniform
+from ptq4dm.calibration.calibset import build_calibration_set
+from ptq4dm.diffusion import Sampler
+from ptq4dm.experiment.module import PTQModule
+from ptq4dm.experiment.recipe import recipe_from_config
+from ptq4dm.models.factory import load_model
+from ptq4dm.utils.config import CONF_DIR
+
+BASE = ["model=small_cifar10", "bits=w8a8", "calib.num_samples=128", "calib.batch_size=64", "sampler.steps=20"]
+VARIANTS = {
+    "ptq4dm (mse, p=2.4)": [],
+    "ptq4dm + shortcut split": ["ops.shortcut_split=true"],
+    "ptq4dm, mse p=2": ["metric.fn.p=2.0"],
+    "ptq4dm, l1": ["metric=l1"],
+    "ptq4dm + x_t quantized": ["ops.network_input=true"],
+}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    print(f"# {' '.join(BASE)}; CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print("| variant | relative eps error | t < 200 | t >= 200 | calibration (s) |\n| --- | --- | --- | --- | --- |")
+    held_out = None
+    for name, extra in VARIANTS.items():
+        torch.manual_seed(0)
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("run", overrides=BASE + extra)
+        recipe, model = recipe_from_config(cfg), load_model(cfg.model)
+        sampler = Sampler(model.scheduler, **cfg.sampler)
+        module = PTQModule(model.unet, sampler, sampler, recipe, progress=False, image_shape=model.image_shape)
+        t0 = time.perf_counter()
+        module.calibrate()
+        seconds = time.perf_counter() - t0
+        if held_out is None:  # the same inputs for every variant, from another seed than calibration
+            held_out = build_calibration_set(module.in_precision(module.fp_unet), sampler, Uniform(), Trajectory(),
+                                             40, model.image_shape, seed=99, batch_size=40, progress=False)
+        with torch.no_grad():
+            ref = module.fp_unet(held_out.x, held_out.t).sample
+            out = module.unet(held_out.x, held_out.t).sample
+        err = (out - ref).pow(2).flatten(1).mean(1) / ref.pow(2).flatten(1).mean(1)
+        late = held_out.t < 200
+        print(f"| {name} | {err.mean():.2e} | {err[late].mean():.2e} | {err[~late].mean():.2e} | {seconds:.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
