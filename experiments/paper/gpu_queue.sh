@@ -17,21 +17,22 @@ print(json.dumps({"gpu": gpu, "python": platform.python_version(), "torch": torc
                   "omegaconf": omegaconf.__version__, "torch_fidelity": torch_fidelity.__version__}, indent=2))
 PY
 echo "$(date +%T) benchmark"
-[ -f "$STATE/results/benchmark.json" ] || python3 experiments/paper/benchmark.py --out "$STATE/results/benchmark.json" \
-  > "$STATE/logs/benchmark.log" 2>&1
+[ -f "$STATE/results/benchmark.json" ] || python3 experiments/paper/benchmark.py --compile \
+  --out "$STATE/results/benchmark.json" > "$STATE/logs/benchmark.log" 2>&1
 echo "$(date +%T) benchmark exit $?; waiting for the FID network"
 while [ ! -f "$STATE/default_1.pt" ]; do sleep 5; done
 
-stream() {  # experiment:bits ...
+stream() {  # experiment:bits[:override ...] ...
   for job in "$@"; do
-    exp=${job%:*} bits=${job#*:}
-    echo "$(date +%T) start $exp $bits"
-    python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" "${common[@]}" "hydra.sweep.dir=$STATE/multirun/$exp"
+    IFS=: read -r exp bits extra <<< "$job"
+    echo "$(date +%T) start $exp $bits $extra"
+    python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" $extra "${common[@]}" "hydra.sweep.dir=$STATE/multirun/$exp"
     python3 experiments/paper/collect_results.py "$STATE/multirun/$exp" "$STATE/results/$exp"
-    echo "$(date +%T) done $exp $bits"
+    echo "$(date +%T) done $exp $bits $extra"
   done
 }
-stream main_10k:w8a8 main_10k:w4a8 table5_samplers:w8a8 table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
+stream main_10k:w8a8 main_10k:w8a8:ops.shortcut_split=true main_10k:w4a8 table5_samplers:w8a8 \
+       table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
 stream table4_metric:w8a8 table2_calib_source:w8a8 table1_outputs:w8a8 \
        table4_metric:w4a8 table2_calib_source:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &
 stream table3_timesteps:w8a8 figure4_single_t:w8a8 table3_ndtc_grid:w8a8 \
