@@ -8,33 +8,21 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
+from ptq4dm.metrics.inception import FIDInceptionV3
+
 NAME = "ptq4dm-test-small"
 
 
-class SmallExtractor(FeatureExtractorBase):
+class SmallExtractor(FIDInceptionV3):
+    """The FID Inception's interface (feature names, metric layers) over two random convolutions."""
+
     def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list)
+        FeatureExtractorBase.__init__(self, name, features_list)  # not FIDInceptionV3's: no network file
         g = torch.Generator().manual_seed(0)
         self.conv1 = nn.Conv2d(3, 16, 3, stride=2)
         self.conv2 = nn.Conv2d(16, 32, 3, stride=2)
         for p in self.parameters():
             p.data = torch.randn(p.shape, generator=g) * 0.2
-
-    @staticmethod
-    def get_provided_features_list():
-        return "2048", "spatial"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "2048", "kid": "2048", "prc": "2048"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
     def forward(self, x):
         x = (x.float() - 128) / 128

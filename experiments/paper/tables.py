@@ -1,11 +1,13 @@
 """The README's result tables, in markdown, from the committed results (experiments/results/*/jobs.json), beside
 the paper's figures (PTQ4DM, CVPR 2023; ../shared/docs/paper.md) as changes relative to full precision.
 
-    python experiments/paper/tables.py > experiments/results/tables.md
+    python experiments/paper/tables.py                                   # experiments/results
+    python experiments/paper/tables.py experiments/results/x_t_quantized  # another results folder
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ptq4dm.experiment.results import load_all
@@ -105,8 +107,8 @@ def main_table(rows: list[dict]) -> str:
             f"(Lp 2.4) ranges.\n\n{markdown_table(out, list(out[0]))}")
 
 
-def main() -> None:
-    results = load_all(RESULTS)
+def main(root: Path = RESULTS) -> None:
+    results = load_all(root)
     sections = [("Main result", "main_10k", main_table), ("Figure 4: one calibration time step", "figure4_single_t",
                                                              single_t), ("Table 5: samplers", "table5_samplers", table5)]
     for title, name, fn in sections:
@@ -118,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.calibration.observer import ValueSample
 from ptq4dm.calibration.range_metrics import LpDistance, MinMax, RangeMetric
+from ptq4dm.quant.api import layers_reading_input, split_shortcuts_
 from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.quant.quantizer import Quantizer
 
@@ -96,8 +97,6 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
     device = next(network.parameters()).device
     config = getattr(network, "quant_config", None)
     if config is not None and config.shortcut_split:
-        from ptq4dm.quant.api import split_shortcuts_
-
         x, t, cond = next(calibration.batches(1, device))
         split_shortcuts_(network, *((x, t) if cond is None else (x, t, cond)))
 
@@ -105,8 +104,6 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
     # The network's own input x_t stays in full precision unless the config says otherwise (QuantConfig).
     keep_fp = set()
     if config is not None and not config.network_input:
-        from ptq4dm.quant.api import layers_reading_input
-
         x, t, cond = next(calibration.batches(1, device))
         keep_fp = {f"{n}.input_quantizers.{i}" for n in layers_reading_input(network, forward, x, t, cond)
                    for i in range(len(layers[n].input_quantizers))}
