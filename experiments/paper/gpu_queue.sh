@@ -31,7 +31,9 @@ stream() {  # experiment:bits[:override ...] ...
     echo "$(date +%T) done $exp $bits $extra"
   done
 }
-stream main_10k:w8a8 main_10k:w8a8:ops.shortcut_split=true main_10k:w4a8 table5_samplers:w8a8 \
+# Most informative first: the headline W8A8 (with and without shortcut splitting), then every W8A8
+# ablation, then the W4A8 ones (the machine may be taken back before the end; finished jobs are kept).
+stream main_10k:w8a8:ops.shortcut_split=true main_10k:w8a8 table5_samplers:w8a8 main_10k:w4a8 \
        table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
 stream table4_metric:w8a8 table2_calib_source:w8a8 table1_outputs:w8a8 \
        table4_metric:w4a8 table2_calib_source:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &
