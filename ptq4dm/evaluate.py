@@ -52,7 +52,8 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer)
     t0 = time.perf_counter()
     sampling = SamplingModule(model.unet.eval(), sampler, seed=cfg.seed, precision=cfg.eval.precision,
-                              image_shape=model.image_shape, compile=cfg.eval.compile)
+                              image_shape=model.image_shape, compile=cfg.eval.compile, decoder=model.decoder,
+                              conditioner=model.conditioner)
     if quant_config is not None:
         outputs = quant_config.sampler_outputs
         extra = SamplerOutputQuantizer(outputs, quant_config.act_spec()) if outputs else None
@@ -66,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict:
     save_grid(images[: cfg.eval.grid_size], out / "samples.png")
     scores = score(image_statistics(images, extractor, cfg.metrics.batch_size), reference, cfg)
     scores.update(inception_scores(images, cfg, metrics_device(cfg.trainer)))
-    scores["reference"] = f"{reference.name} ({reference.num_images} images)"
+    scores["reference"] = None if reference is None else f"{reference.name} ({reference.num_images} images)"
     results = {
         "model": cfg.model.name,
         "quantized": str(cfg.quantized) if cfg.quantized else None,

@@ -40,6 +40,7 @@ from ptq4dm.metrics.scoring import (
     score,
 )
 from ptq4dm.models.factory import load_model
+from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.quant import save_quantized
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import image_grid
@@ -52,12 +53,13 @@ log = logging.getLogger(__name__)
 HEADLINE = ["model", "fid", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp", "psnr_vs_fp"]
 
 
-def sample_full_precision(cfg: DictConfig, unet, sampler: Sampler, trainer_kwargs: dict,
-                          image_shape: tuple[int, int, int]) -> torch.Tensor | None:
+def sample_full_precision(cfg: DictConfig, model: DiffusionModel, sampler: Sampler,
+                          trainer_kwargs: dict) -> torch.Tensor | None:
     """FP images from the shared cache, sampling only the batches no earlier job made (None off rank 0)."""
     folder = fp_cache_dir(cfg)
-    module = SamplingModule(unet, sampler, seed=cfg.seed, precision=cfg.eval.precision, image_shape=image_shape,
-                            compile=cfg.eval.compile)
+    module = SamplingModule(model.unet, sampler, seed=cfg.seed, precision=cfg.eval.precision,
+                            image_shape=model.image_shape, compile=cfg.eval.compile, decoder=model.decoder,
+                            conditioner=model.conditioner)
     t0 = time.perf_counter()
     images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, folder / "shards", trainer_kwargs)
     timing_file = folder / "timing.json"
@@ -142,19 +144,24 @@ def run(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
     device = metrics_device(cfg.trainer)
     model = load_model(cfg.model)
+    if model.decoder is not None and recipe.calibration.source.needs_images:
+        raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does not "
+                         "take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "
+                         "uniform_ts, single_ts, random_ts, noise)")
     sampler = Sampler(model.scheduler, **cfg.sampler)
     calib_sampler = Sampler(model.scheduler, **recipe.calib_sampler)
     calib_images = None
     if recipe.calibration.source.needs_images:
         calib_images = load_cifar10(cfg.data.root, cfg.data.split, cfg.data.format, cfg.data.cache_dir).images
     extractor = make_extractor(device, cfg.metrics.inception_path)
-    reference = reference_from_config(cfg, extractor)
+    reference = reference_from_config(cfg, extractor)  # None with data=none: scores against FP images only
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
 
     # Every DDP rank takes part in both sampling runs; rank 0 alone scores and writes.
-    fp_images = sample_full_precision(cfg, model.unet, sampler, trainer_kwargs, model.image_shape)
+    fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs)
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
-                       progress=bool(cfg.progress), image_shape=model.image_shape, compile=cfg.eval.compile)
+                       progress=bool(cfg.progress), image_shape=model.image_shape, compile=cfg.eval.compile,
+                       decoder=model.decoder, conditioner=model.conditioner)
     t0 = time.perf_counter()
     q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
     if q_images is None or fp_images is None:
@@ -178,7 +185,7 @@ def run(cfg: DictConfig) -> dict:
         "num_samples": cfg.eval.num_samples,
         "num_calibration_samples": cfg.calib.num_samples,
         "calibration_timesteps": module.calibration_set.t.tolist() if module.ranges else None,
-        "reference": f"{reference.name} ({reference.num_images} images)",
+        "reference": None if reference is None else f"{reference.name} ({reference.num_images} images)",
         "seed": cfg.seed,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }

@@ -81,8 +81,9 @@ class Sampler:
                generators: list[torch.Generator] | None = None,
                on_step: Callable[..., None] | None = None,
                num_steps: int | None = None, output_quantizer=None,
-               conditioning: Conditioning | None = None) -> torch.Tensor:
-        """Run the reverse process from ``noise``; returns x_0 in [-1, 1] (or x after ``num_steps`` steps).
+               conditioning: Conditioning | None = None, clip: bool = True) -> torch.Tensor:
+        """Run the reverse process from ``noise``; returns x_0, clipped to [-1, 1] unless ``clip`` is False (latents),
+        or x after ``num_steps`` steps.
 
         ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input exactly
         as the network gets it. ``output_quantizer`` (a SamplerOutputQuantizer) quantizes the step's mean,
@@ -122,7 +123,7 @@ class Sampler:
                 x = scheduler.step(eps, t, x, **kwargs).prev_sample
             if not torch.isfinite(x).all():  # one device sync a step: cheap next to a network call
                 raise FloatingPointError(f"non-finite values after sampler step {i} (t={int(t)})")
-        return x.clamp(-1, 1) if num_steps is None else x
+        return x.clamp(-1, 1) if clip and num_steps is None else x
 
     def _model_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """What the scheduler's step takes: [eps, v] for a learned-variance DDPM, eps otherwise."""

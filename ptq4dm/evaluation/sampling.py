@@ -36,10 +36,15 @@ class SeedBatches(Dataset):
 
 
 class SamplingModule(pl.LightningModule):
-    """Samples uint8 images for batches of image indices with ``sampler`` and the epsilon network ``unet``."""
+    """Samples uint8 images for batches of image indices with ``sampler`` and the epsilon network ``unet``.
+
+    A latent model's ``decoder`` (full precision) turns the sampled latents into images; a conditional model's
+    ``conditioner`` gives each image index its conditioning (see ptq4dm.models.conditioners).
+    """
 
     def __init__(self, unet: torch.nn.Module, sampler: Sampler, seed: int = 0, precision: str = "fp32",
-                 image_shape: tuple[int, int, int] | None = None, compile: bool = False):
+                 image_shape: tuple[int, int, int] | None = None, compile: bool = False,
+                 decoder: torch.nn.Module | None = None, conditioner=None):
         super().__init__()
         if precision not in _DTYPES:
             raise ValueError(f"eval.precision={precision!r} is not one of {sorted(_DTYPES)}")
@@ -47,6 +52,7 @@ class SamplingModule(pl.LightningModule):
         self.compile = compile  # sample through torch.compile(unet.forward): one graph, elementwise ops fused
         self._compiled_forward = None  # a function, not a module: stays out of the state dict
         self.output_quantizer = None  # quantizes the sampler's own outputs (PTQ4DM Table 1), if set
+        self.decoder, self.conditioner = decoder, conditioner
         config = getattr(unet, "config", None)
         self.image_shape = image_shape or (config.in_channels, config.sample_size, config.sample_size)
 
@@ -63,19 +69,24 @@ class SamplingModule(pl.LightningModule):
             self._compiled_forward = torch.compile(self.unet.forward)
         return self._compiled_forward
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         with self.autocast(x.device):
-            out = self.network()(x, t.expand(x.shape[0]))
+            t = t.expand(x.shape[0])
+            out = self.network()(x, t) if cond is None else self.network()(x, t, cond)
         return (out.sample if hasattr(out, "sample") else out).float()
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int = 0) -> dict[str, torch.Tensor]:
         indices = indices.cpu()
         generators = seeded_generators(self.seed, indices.tolist())
         noise = self.sampler.initial_noise(generators, self.image_shape, self.device)
+        conditioning = None if self.conditioner is None else self.conditioner(indices)
         try:
-            x = self.sampler.sample(self.denoise, noise, generators, output_quantizer=self.output_quantizer)
+            x = self.sampler.sample(self.denoise, noise, generators, output_quantizer=self.output_quantizer,
+                                    conditioning=conditioning, clip=self.decoder is None)
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}, sampling images {int(indices[0])}..{int(indices[-1])}") from err
+        if self.decoder is not None:  # latents -> images, in full precision
+            x = self.decoder(x)
         return {"indices": indices, "images": to_uint8(x).cpu()}
 
 

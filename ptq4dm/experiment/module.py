@@ -28,10 +28,11 @@ from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 class PTQModule(SamplingModule):
     def __init__(self, fp_unet: nn.Module, sampler: Sampler, calib_sampler: Sampler, recipe: PTQRecipe,
                  seed: int = 0, precision: str = "fp32", calib_images: torch.Tensor | None = None,
-                 progress: bool = True, image_shape: tuple[int, int, int] | None = None, compile: bool = False):
+                 progress: bool = True, image_shape: tuple[int, int, int] | None = None, compile: bool = False,
+                 decoder: nn.Module | None = None, conditioner=None):
         quantized = quantize_(copy.deepcopy(fp_unet).eval(), recipe.quant)
         super().__init__(quantized, sampler, seed=seed, precision=precision, image_shape=image_shape,
-                         compile=compile)
+                         compile=compile, decoder=decoder, conditioner=conditioner)
         if compile:  # the whole network is compiled: its fake-quant ops fuse into the graph, no kernel of their own
             set_fused_kernels(quantized, False)
         self.fp_unet = fp_unet.eval()
@@ -49,8 +50,12 @@ class PTQModule(SamplingModule):
     def calibrate(self) -> list[RangeChoice]:
         device = next(self.unet.parameters()).device
         t0 = time.perf_counter()
+        # Calibration sample i is conditioned as image i is (a label or prompt cycled over the indices).
+        conditioning = None if self.conditioner is None else \
+            self.conditioner(torch.arange(self.recipe.calibration.num_samples))
         calib_set = self.recipe.calibration.build(self.in_precision(self.fp_unet), self.calib_sampler,
-                                                  self.image_shape, device, self.calib_images, self.progress)
+                                                  self.image_shape, device, self.calib_images, self.progress,
+                                                  conditioning)
         t1 = time.perf_counter()
         self.ranges = calibrate_(self.unet, self.in_precision(self.unet), calib_set, self.recipe.search,
                                  self.recipe.calibration.batch_size, self.progress)
@@ -83,9 +88,10 @@ class PTQModule(SamplingModule):
         n = min(self.recipe.calibration.num_samples, max_trajectories)
         generators = seeded_generators(self.recipe.calibration.seed + 1, range(n))
         noise = self.sampler.initial_noise(generators, self.image_shape, device)
+        conditioning = None if self.conditioner is None else self.conditioner(torch.arange(n))
         try:
             self.sampler.sample(self.in_precision(self.fp_unet), noise, generators,
-                                output_quantizer=self.output_quantizer)
+                                output_quantizer=self.output_quantizer, conditioning=conditioning)
         finally:
             observers = {name: q.observer for name, q in quantizers.items()}
             for q in quantizers.values():

@@ -94,6 +94,8 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         timesteps=_instantiate(cfg.calib.timesteps, "calib.timesteps", TimestepDistribution),
         source=_instantiate(cfg.calib.source, "calib.source", CalibrationSource),
         num_samples=cfg.calib.num_samples, batch_size=cfg.calib.batch_size, seed=cfg.calib.seed)
+    if calibration.source.needs_images and cfg.data.name == "none":
+        raise ValueError(f"calib={cfg.calib.name} draws real images, but data=none: choose a data set (data=cifar10)")
     search = RangeSearch(metric=_instantiate(cfg.metric.fn, "metric.fn", RangeMetric),
                          num_candidates=cfg.metric.num_candidates, weights=cfg.metric.weights,
                          max_values=cfg.metric.max_values)

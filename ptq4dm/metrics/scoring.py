@@ -15,9 +15,12 @@ def metrics_device(trainer_cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def reference_from_config(cfg: DictConfig, extractor) -> ImageStatistics:
-    """The data set's statistics: cached, shipped, or computed now. Called before any sampling, so a missing
-    data set stops a job before its expensive part."""
+def reference_from_config(cfg: DictConfig, extractor) -> ImageStatistics | None:
+    """The data set's statistics: cached, shipped, or computed now; None with ``data=none`` (no data set: images
+    are scored against the full-precision ones only). Called before any sampling, so a missing data set stops
+    a job before its expensive part."""
+    if cfg.data.name == "none":
+        return None
     ref = cfg.metrics.reference
     return reference_statistics(cfg.data.root, ref.split, cfg.data.format, extractor, ref.cache_dir,
                                 ref.max_features, cfg.metrics.batch_size, seed=cfg.seed)
@@ -27,8 +30,11 @@ def image_statistics(images: torch.Tensor, extractor, batch_size: int, name: str
     return ImageStatistics.from_features(name, extractor.get_name(), extract_features(images, extractor, batch_size))
 
 
-def score(generated: ImageStatistics, reference: ImageStatistics, cfg: DictConfig, suffix: str = "") -> dict:
-    """FID, sFID, KID and precision/recall of ``generated`` against ``reference``; keys get ``suffix``."""
+def score(generated: ImageStatistics, reference: ImageStatistics | None, cfg: DictConfig, suffix: str = "") -> dict:
+    """FID, sFID, KID and precision/recall of ``generated`` against ``reference``; keys get ``suffix``. Without
+    a reference (``data=none``) every score is None."""
+    if reference is None:
+        return {f"{k}{suffix}": None for k in ("fid", "sfid", "kid", "kid_std", "precision", "recall")}
     scores = compute_metrics(generated, reference, cfg.metrics.kid_subset_size, cfg.metrics.kid_subsets)
     return {f"{k}{suffix}": v for k, v in scores.items()}
 

@@ -1,6 +1,7 @@
 """The model a job uses, from its ``model/`` config: an embedded or on-disk diffusers pipeline folder
-(``model.pretrained``), your own network (``model.factory`` with ``_target_``, ``model.checkpoint``), or an
-improved-diffusion checkpoint (``model.improved_diffusion`` with its flags, ``model.checkpoint``)."""
+(``model.pretrained``; latent and conditional ones with ``model.conditioning``), your own network
+(``model.factory`` with ``_target_``, ``model.checkpoint``), or an improved-diffusion checkpoint
+(``model.improved_diffusion`` with its flags, ``model.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from ptq4dm.models.improved_diffusion import load_improved_diffusion_model
-from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler, load_diffusion_model, resolve_model_dir
+from ptq4dm.models.pipeline import load_pipeline_model
+from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler, resolve_model_dir
 from ptq4dm.utils.checkpoints import load_checkpoint
 
 
@@ -24,7 +26,10 @@ def load_model(cfg: DictConfig) -> DiffusionModel:
             OmegaConf.to_container(cfg.scheduler, resolve=True), cfg.name, download_url=cfg.get("download_url"),
             checkpoint_env=cfg.get("checkpoint_env"), trusted=cfg.get("trust_checkpoint", False))
     if cfg.get("factory") is None:
-        return load_diffusion_model(cfg.pretrained)
+        conditioning = cfg.get("conditioning")
+        return load_pipeline_model(cfg.pretrained, None if conditioning is None else
+                                   OmegaConf.to_container(conditioning, resolve=True),
+                                   decode_batch_size=cfg.get("decode_batch_size", 32))
     net = instantiate(cfg.factory)
     if cfg.get("checkpoint"):
         path = Path(cfg.checkpoint).expanduser()
@@ -44,11 +49,30 @@ def model_identity(cfg: DictConfig) -> str:
     h = hashlib.sha1()
     if cfg.get("factory") is None and cfg.get("improved_diffusion") is None:
         folder = resolve_model_dir(cfg.pretrained)
-        files = sorted((folder / "unet").glob("*.safetensors")) + [folder / "unet" / "config.json",
-                                                                   folder / "scheduler" / "scheduler_config.json"]
+        files = [folder / "scheduler" / "scheduler_config.json"]
+        for sub in ("unet", "vae", "vqvae", "text_encoder"):  # the networks an image depends on
+            if (folder / sub).is_dir():
+                files += sorted((folder / sub).glob("*.safetensors")) + [folder / sub / "config.json"]
+        conditioning = cfg.get("conditioning")
+        conditioning = {} if conditioning is None else OmegaConf.to_container(conditioning, resolve=True)
+        h.update(json.dumps(conditioning, sort_keys=True).encode())
     else:
         h.update(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode())
         files = [Path(cfg.checkpoint).expanduser()] if cfg.get("checkpoint") else []
     for f in files:
-        h.update(f.read_bytes())
+        _update_with_file(h, f)
     return h.hexdigest()
+
+
+def _update_with_file(h, path: Path, whole_up_to: int = 2**28) -> None:
+    """A file's bytes; beyond 256 MiB (Stable Diffusion's weights) its size, first and last 16 MiB, which is
+    enough to tell checkpoints apart without reading gigabytes at every job."""
+    size = path.stat().st_size
+    if size <= whole_up_to:
+        h.update(path.read_bytes())
+        return
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(2**24))
+        f.seek(size - 2**24)
+        h.update(f.read(2**24))

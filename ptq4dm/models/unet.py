@@ -1,7 +1,8 @@
 """Epsilon-prediction UNets in the google/ddpm-cifar10-32 topology, and the embedded pretrained ones.
 
 A model on disk is a diffusers pipeline folder: ``unet/`` (config.json + safetensors) and ``scheduler/``
-(the training noise schedule), the same layout as ``google/ddpm-cifar10-32`` on the Hugging Face hub.
+(the training noise schedule), the same layout as ``google/ddpm-cifar10-32`` on the Hugging Face hub. Latent
+and text-conditional pipeline folders (``vae/``, ``text_encoder/``) load through ``ptq4dm.models.pipeline``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -43,14 +45,17 @@ class DiffusionModel:
     unet: torch.nn.Module  # a diffusers UNet2DModel, or any f(x, t) -> eps network
     scheduler: DDPMScheduler
     name: str = "model"
-    image_shape: tuple[int, int, int] | None = None  # (C, H, W); read from a diffusers config when None
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of x_t; read from a diffusers config when None
+    decoder: torch.nn.Module | None = None  # latent models: latents -> images in [-1, 1] (full precision)
+    conditioner: Callable | None = None  # conditional models: image indices -> Conditioning (conditioners.py)
 
     def __post_init__(self):
         if self.image_shape is None:
             cfg = getattr(self.unet, "config", None)
             if cfg is None:
                 raise ValueError("image_shape (C, H, W) is needed for a network without a diffusers config")
-            self.image_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+            size = cfg.sample_size  # an int, or (H, W) for some diffusers models
+            self.image_shape = (cfg.in_channels, *((size, size) if isinstance(size, int) else size))
 
     @property
     def num_parameters(self) -> int:
@@ -111,8 +116,14 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
     unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True,
                                        torch_dtype=dtype, low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-    return DiffusionModel(unet=unet, scheduler=scheduler, name=folder.name)
+    return DiffusionModel(unet=unet, scheduler=load_noise_scheduler(folder), name=folder.name)
+
+
+def load_noise_scheduler(folder: Path) -> DDPMScheduler:
+    """The training noise schedule of a pipeline folder, whichever scheduler class saved it (Stable Diffusion
+    ships a PNDM config): betas, T and prediction type carry over; each sampler builds its own from it."""
+    config = DDPMScheduler.load_config(folder / "scheduler", local_files_only=True)
+    return DDPMScheduler.from_config(config)
 
 
 def save_diffusion_model(model: DiffusionModel, folder: str | Path, dtype: torch.dtype | None = torch.float16,
