@@ -3,7 +3,8 @@
 # machine, in calls that each end within 10 minutes. The work itself is one background queue (gpu_queue.sh)
 # that survives between calls; state lives in $STATE, outside the repository copy (re-synced at every call).
 #
-#   bash experiments/paper/gpu_session.sh start        # install wheels, unpack data, start the queue
+#   bash experiments/paper/gpu_session.sh start [STREAM ...]  # install wheels, unpack data, start the queue
+#                                                      (streams: see gpu_queue.sh; default: all, benchmark first)
 #   bash experiments/paper/gpu_session.sh fid N        # receive part N of 4 of the FID network
 #   bash experiments/paper/gpu_session.sh poll SECONDS # wait (at most SECONDS), then pack results into $OUT
 #
@@ -44,7 +45,7 @@ case $stage in
       cp -r conf ptq4dm experiments pyproject.toml "$STATE/src/"
     fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    STATE=$STATE setsid nohup bash "$STATE/src/experiments/paper/gpu_queue.sh" > "$STATE/queue.log" 2>&1 < /dev/null &
+    STATE=$STATE setsid nohup bash "$STATE/src/experiments/paper/gpu_queue.sh" "${@:2}" > "$STATE/queue.log" 2>&1 < /dev/null &
     sleep 20; cat "$STATE/queue.log"
     ;;
   fid)
