@@ -30,6 +30,18 @@ VARIANTS = {
     "ptq4dm, mse p=2": ["metric.fn.p=2.0"],
     "ptq4dm, l1": ["metric=l1"],
     "ptq4dm + x_t quantized": ["ops.network_input=true"],
+    # where the error comes from: activations or weights, and which layers (left in full precision one group at
+    # a time; these are diagnostics, not W8A8 any more)
+    "weights only (w8a16)": ["bits=w8a16"],
+    "weights only (w8a32)": ["bits=w8a32"],
+    "weights with min/max ranges": ["metric.weights=false"],
+    "FP: time embedding + time_emb_proj": ['ops.exclude=["time_embedding.*","*.time_emb_proj"]'],
+    "FP: attention projections": ['ops.exclude=["*attentions*"]'],
+    "FP: conv_shortcut (skip concat readers)": ['ops.exclude=["*.conv_shortcut"]'],
+    "FP: resnet conv1": ['ops.exclude=["*.conv1"]'],
+    "FP: resnet conv2": ['ops.exclude=["*.conv2"]'],
+    "FP: down_blocks": ['ops.exclude=["down_blocks.*"]'],
+    "FP: up_blocks.3 (32x32 decoder)": ['ops.exclude=["up_blocks.3.*"]'],
 }
 
 

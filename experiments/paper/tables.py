@@ -92,25 +92,29 @@ def single_t(rows: list[dict]) -> str:
 
 
 def main_table(rows: list[dict]) -> str:
+    """FP, then one row per quantized job, labelled by its bits and any other axis override (ops.*, calib.*)."""
     fp = rows[0]
-    out = [{"model": "full precision", "FID": fp["fp_fid"], "sFID": fp["fp_sfid"], "KID": fp["fp_kid"],
-            "precision": fp["fp_precision"], "recall": fp["fp_recall"], "FID to FP images": "", "PSNR to FP (dB)": "",
-            "calibration (s)": ""}]
-    for b in BITS:
-        r = next((r for r in rows if r["bits"] == b), None)
-        if r:
-            out.append({"model": f"PTQ4DM {b.upper()}", "FID": r["fid"], "sFID": r["sfid"], "KID": r["kid"],
-                        "precision": r["precision"], "recall": r["recall"], "FID to FP images": r["fid_vs_fp"],
-                        "PSNR to FP (dB)": r["psnr_vs_fp"], "calibration (s)": r.get("calibration_seconds")})
-    return (f"`python -m ptq4dm.run -m experiment=main_10k` (W8A8 and W4A8); small_cifar10, DDIM 100, "
-            f"{fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 NDTC calibration samples, MSE "
-            f"(Lp 2.4) ranges.\n\n{markdown_table(out, list(out[0]))}")
+    out = [{"model": "full precision", "FID": fp["fp_fid"], "sFID": fp["fp_sfid"], "FID to FP images": "",
+            "PSNR to FP (dB)": "", "calibration (s)": ""}]
+    for r in sorted(rows, key=lambda r: (BITS.index(r["bits"]) if r["bits"] in BITS else 9, len(_extra(r)))):
+        label = ", ".join([f"PTQ4DM {r['bits'].upper()}", *_extra(r)])
+        out.append({"model": label, "FID": f"{r['fid']:.2f} ({r['fid'] - r['fp_fid']:+.2f})", "sFID": r["sfid"],
+                    "FID to FP images": r["fid_vs_fp"], "PSNR to FP (dB)": r["psnr_vs_fp"],
+                    "calibration (s)": r.get("calibration_seconds")})
+    return (f"`python -m ptq4dm.run -m experiment=main_10k` (plus the overrides named in the rows); small_cifar10, "
+            f"DDIM 100, {fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 NDTC calibration "
+            f"samples, MSE (Lp 2.4) ranges.\n\n{markdown_table(out, list(out[0]))}")
+
+
+def _extra(row: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in sorted(row.items()) if "." in k and k.split(".")[0] in ("ops", "calib", "metric")]
 
 
 def main(root: Path = RESULTS) -> None:
     results = load_all(root)
-    sections = [("Main result", "main_10k", main_table), ("Figure 4: one calibration time step", "figure4_single_t",
-                                                             single_t), ("Table 5: samplers", "table5_samplers", table5)]
+    sections = [(f"Main result ({name})", name, main_table) for name in results if name.startswith("main_10k")]
+    sections += [("Figure 4: one calibration time step", "figure4_single_t", single_t),
+                 ("Table 5: samplers", "table5_samplers", table5)]
     for title, name, fn in sections:
         if results.get(name):
             print(f"### {title}\n\n{fn(results[name])}\n")
