@@ -202,3 +202,48 @@ def test_fp_cache_identity_follows_the_conditioning(class_latent_pipeline):
 def test_pipeline_configs_compose_and_validate(name):
     cfg = _compose(f"model={name}", "data=none", "model.pretrained=somewhere")
     assert recipe_from_config(cfg).axes["model"] == name
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def _rename_tensor(weights, old, new):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    state[new] = state.pop(old)
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+def test_a_missing_or_extra_weight_fails_loudly_where_diffusers_would_only_warn(class_latent_pipeline, tmp_path):
+    folder = _copy(class_latent_pipeline, tmp_path)
+    _rename_tensor(folder / "vae" / "diffusion_pytorch_model.safetensors", "decoder.conv_out.bias", "extra.weight")
+    with pytest.raises(ValueError, match=r"missing \['decoder.conv_out.bias'\], unexpected \['extra.weight'\]"):
+        load_pipeline_model(folder)
+
+
+def test_a_text_encoder_with_a_missing_weight_fails_loudly(text_latent_pipeline, tmp_path):
+    folder = _copy(text_latent_pipeline, tmp_path)
+    _rename_tensor(folder / "text_encoder" / "model.safetensors", "final_layer_norm.bias", "unused.bias")
+    with pytest.raises(ValueError, match=r"text_encoder does not fit CLIPTextModel .*missing \['[\w.]*final_layer_norm.bias'\]"):
+        load_pipeline_model(folder, {"kind": "text", "prompts": ["a cat"]})
+
+
+def test_a_wrong_component_class_names_what_is_allowed(class_latent_pipeline, tmp_path):
+    folder = _copy(class_latent_pipeline, tmp_path)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet1DModel"}))
+    with pytest.raises(ValueError, match=r"is a 'UNet1DModel'; allowed here: \['UNet2DModel', 'UNet2DConditionModel'\]"):
+        load_pipeline_model(folder)
+
+
+def test_a_text_pipeline_without_its_text_encoder_says_what_is_missing(text_latent_pipeline, tmp_path):
+    import shutil
+
+    folder = _copy(text_latent_pipeline, tmp_path)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="has no text_encoder/ and tokenizer/"):
+        load_pipeline_model(folder, {"kind": "text", "prompts": ["a cat"]})

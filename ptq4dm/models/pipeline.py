@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from ptq4dm.models.conditioners import KINDS, ClassLabels, TextPrompts, clip_text_encoder, read_prompts
-from ptq4dm.models.unet import DiffusionModel, load_noise_scheduler, resolve_model_dir
+from ptq4dm.models.unet import (
+    DiffusionModel,
+    check_loading_info,
+    load_component_strictly,
+    load_noise_scheduler,
+    resolve_model_dir,
+)
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 AUTOENCODERS = {"vae": ("AutoencoderKL",), "vqvae": ("VQModel",)}
@@ -53,15 +59,12 @@ def load_pipeline_model(pretrained: str | Path, conditioning: dict | None = None
     num_classes, null_label) or text (prompts or prompts_file, negative_prompt), and guidance_scale.
     """
     folder = resolve_model_dir(pretrained)
-    unet_cls = _component_class(folder / "unet", UNET_CLASSES)
-    unet = unet_cls.from_pretrained(folder / "unet", local_files_only=True, low_cpu_mem_usage=False)
-    unet.eval().requires_grad_(False)
+    unet = load_component_strictly(_component_class(folder / "unet", UNET_CLASSES), folder / "unet")
     decoder = None
     for sub, classes in AUTOENCODERS.items():
         if (folder / sub / "config.json").is_file():
-            ae = _component_class(folder / sub, classes).from_pretrained(folder / sub, local_files_only=True,
-                                                                         low_cpu_mem_usage=False)
-            decoder = LatentDecoder(ae.eval().requires_grad_(False), decode_batch_size)
+            autoencoder = load_component_strictly(_component_class(folder / sub, classes), folder / sub)
+            decoder = LatentDecoder(autoencoder, decode_batch_size)
             break
     conditioner = make_conditioner(folder, dict(conditioning or {}), unet)
     return DiffusionModel(unet, load_noise_scheduler(folder), name or folder.name, decoder=decoder,
@@ -104,6 +107,8 @@ def load_text_encoder(folder: Path):
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
     enc_name = index.get("text_encoder", [None, "CLIPTextModel"])[1]
     tok_name = index.get("tokenizer", [None, "CLIPTokenizer"])[1]
-    encoder = getattr(transformers, enc_name).from_pretrained(folder / "text_encoder", local_files_only=True)
+    encoder, info = getattr(transformers, enc_name).from_pretrained(folder / "text_encoder", local_files_only=True,
+                                                                    output_loading_info=True)
+    check_loading_info(info, folder / "text_encoder", enc_name)
     tokenizer = getattr(transformers, tok_name).from_pretrained(folder / "tokenizer", local_files_only=True)
     return clip_text_encoder(encoder.eval().requires_grad_(False), tokenizer)

@@ -110,12 +110,31 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
 
 
+def load_component_strictly(cls, folder: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A diffusers model from its folder, every tensor accounted for: diffusers itself only warns about missing
+    weights (and initializes them randomly), which would quietly quantize a different network. Wrong shapes
+    already fail inside diffusers."""
+    model, info = cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False,
+                                      output_loading_info=True)
+    check_loading_info(info, folder, cls.__name__)
+    return model.eval().requires_grad_(False)
+
+
+def check_loading_info(info: dict, folder: Path, class_name: str) -> None:
+    """Fail on the missing, unused or reshaped tensors that a diffusers or transformers ``from_pretrained``
+    reports with ``output_loading_info=True``."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    reshaped = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    if missing or unexpected or reshaped:
+        raise ValueError(f"{folder} does not fit {class_name} with its config.json: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, other shapes {reshaped[:5]} "
+                         f"({len(missing)}/{len(unexpected)}/{len(reshaped)} tensors)")
+
+
 def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """Load a UNet and its noise schedule from a local pipeline folder, never from the network."""
     folder = resolve_model_dir(path)
-    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True,
-                                       torch_dtype=dtype, low_cpu_mem_usage=False)
-    unet.eval().requires_grad_(False)
+    unet = load_component_strictly(UNet2DModel, folder / "unet", dtype)
     return DiffusionModel(unet=unet, scheduler=load_noise_scheduler(folder), name=folder.name)
 
 
