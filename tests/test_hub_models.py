@@ -34,3 +34,22 @@ def test_missing_hub_model_says_where_it_looked_and_how_to_get_it(tmp_path, monk
         load_diffusion_model(REPO_ID)
     msg = str(err.value)
     assert REPO_ID in msg and str(tmp_path) in msg and "huggingface-cli download" in msg
+
+
+def test_a_cached_unet_with_a_missing_tensor_fails_loudly(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    small = DiffusionModel(build_unet((32, 64, 64, 64), 8), build_noise_scheduler())
+
+    def save_without_a_tensor(folder):
+        save_diffusion_model(small, folder, dtype=None)
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        state = load_file(weights)
+        del state["conv_out.bias"]
+        save_file(state, weights, metadata={"format": "pt"})
+
+    _fake_hub_cache(tmp_path, save_without_a_tensor)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"does not fit UNet2DModel .*missing \['conv_out.bias'\]"):
+        load_diffusion_model(REPO_ID)
