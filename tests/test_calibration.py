@@ -96,6 +96,50 @@ def test_per_channel_search_keeps_channels_apart():
     assert float(hi[0]) == pytest.approx(1.0, rel=0.02) and float(hi[1]) == pytest.approx(8.0, rel=0.02)
 
 
+def _silu_values_and_a_stretched_max(n=50000):
+    """Post-SiLU activations (a dense lobe down to -0.28, a tail to about 7) whose observed maximum, 30, comes
+    from one unusual calibration sample that the random value sample does not hold (as in ValueSample)."""
+    x = torch.nn.functional.silu(torch.randn(1, n, generator=torch.Generator().manual_seed(0)) * 1.5)
+    return x, x.amin(1), torch.tensor([30.0])
+
+
+def _brute_force_2d(x, xmin, xmax, spec, p=2.4, K=100):
+    """An independent NumPy search over every (lo, hi) pair of the candidate factors: the best Lp score."""
+    xs = x.numpy().ravel().astype(np.float64)
+    best = np.inf
+    for a in np.linspace(1.0, 1.0 / K, K):
+        for b in np.linspace(1.0, 1.0 / K, K):
+            lo, hi = a * float(xmin), b * float(xmax)
+            scale = (hi - lo) / (spec.qmax - spec.qmin)
+            zp = np.clip(np.round(-lo / scale), spec.qmin, spec.qmax)
+            xq = (np.clip(np.round(xs / scale) + zp, spec.qmin, spec.qmax) - zp) * scale
+            best = min(best, np.mean(np.abs(xs - xq) ** p))
+    return best
+
+
+def test_independent_ends_clip_a_tail_that_one_shared_factor_cannot():
+    x, xmin, xmax = _silu_values_and_a_stretched_max()
+    spec = QuantSpec(8)
+    lo_j, hi_j, score_j, _ = search_range(x, xmin, xmax, Quantizer(spec), LpDistance(2.4), 100, independent_ends=False)
+    lo, hi, score, minmax_score = search_range(x, xmin, xmax, Quantizer(spec), LpDistance(2.4), 100,
+                                               independent_ends=True)
+    # One shared factor: clipping the tail would clip the lobe as much, so it keeps the stretched range.
+    assert float(hi_j) == pytest.approx(30.0) and float(score_j) == pytest.approx(float(minmax_score))
+    # Each end on its own: the lobe stays whole, the tail is clipped where the data end.
+    assert float(lo) == pytest.approx(float(xmin), rel=0.02) and 5.0 < float(hi) < 8.0
+    assert float(score) < float(score_j) / 10
+    assert float(score) == pytest.approx(_brute_force_2d(x, xmin, xmax, spec), rel=0.02)
+
+
+def test_symmetric_grids_have_no_ends_to_move():
+    x, xmin, xmax = _silu_values_and_a_stretched_max()
+    spec = QuantSpec(8, symmetric=True)
+    joint = search_range(x, xmin, xmax, Quantizer(spec), LpDistance(2.4), 100, independent_ends=False)
+    separate = search_range(x, xmin, xmax, Quantizer(spec), LpDistance(2.4), 100, independent_ends=True)
+    for a, b in zip(joint, separate):
+        assert torch.equal(a, b)
+
+
 # --- time steps -----------------------------------------------------------------------------------------------
 
 ALL_STEPS = torch.arange(999, -1, -1)  # a sampler that visits every t

@@ -1,6 +1,11 @@
 """Range search: observe the full-precision network on the calibration set, then give every quantizer the
 candidate clipping range its metric scores best. Candidates shrink the observed [min, max] by factors
 1, 1 - 1/K, ..., 1/K (K = ``num_candidates``), per tensor for activations and per output channel for weights.
+
+Shrinking both ends by one factor cannot clip a long positive tail without clipping the other side as much:
+after SiLU, activations have a dense negative lobe down to -0.28 and a sparse tail that one unusual sample can
+stretch to twice its usual extent. So for asymmetric grids each end is then searched on its own
+(``independent_ends``), as the 2-D range and zero-point search of QDrop (which the PTQ4DM code builds on) does.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class RangeSearch:
     num_candidates: int = 100
     weights: bool = True
     max_values: int = 65536  # values per activation quantizer kept for scoring
+    independent_ends: bool = True  # asymmetric grids: refine lo and hi separately after the joint shrink
 
     def __post_init__(self):
         if self.num_candidates < 1:
@@ -54,13 +60,29 @@ class RangeChoice:
 
 
 def search_range(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, quantizer: Quantizer,
-                 metric: RangeMetric, num_candidates: int):
-    """Best range per row of ``x`` (C, n): returns lo (C,), hi (C,), best score (C,), score at min/max (C,)."""
+                 metric: RangeMetric, num_candidates: int, independent_ends: bool = False):
+    """Best range per row of ``x`` (C, n): returns lo (C,), hi (C,), best score (C,), score at min/max (C,).
+
+    The candidates scale [xmin, xmax] by one factor; with ``independent_ends`` an asymmetric grid then has its
+    hi and its lo searched in turn over the same factors with the other end held (two rounds of coordinate
+    descent). Each round keeps the current range among its candidates, so the score never gets worse.
+    """
     if not metric.search:
         lo, hi = metric.fixed_range(x, xmin, xmax)
         return lo, hi, None, None
-    alphas = torch.linspace(1.0, 1.0 / num_candidates, num_candidates, device=x.device)
-    cand_lo, cand_hi = alphas[:, None] * xmin[None], alphas[:, None] * xmax[None]  # (K, C)
+    alphas = torch.linspace(1.0, 1.0 / num_candidates, num_candidates, device=x.device)[:, None]
+    lo, hi, best, at_minmax = _best_candidates(x, alphas * xmin, alphas * xmax, quantizer, metric)
+    if independent_ends and not quantizer.spec.symmetric:
+        for _ in range(2):
+            lo, hi, best, _ = _best_candidates(x, lo.expand_as(alphas * xmax), alphas * xmax, quantizer, metric)
+            lo, hi, best, _ = _best_candidates(x, alphas * xmin, hi.expand_as(alphas * xmin), quantizer, metric)
+    return lo, hi, best, at_minmax
+
+
+def _best_candidates(x: torch.Tensor, cand_lo: torch.Tensor, cand_hi: torch.Tensor, quantizer: Quantizer,
+                     metric: RangeMetric):
+    """The best of K candidate ranges (K, C) per row of ``x`` (C, n): lo, hi, its score, the first's score."""
+    num_candidates = cand_lo.shape[0]
     per_chunk = max(1, _CHUNK_ELEMENTS // x.numel())
     scores = []
     for s in range(0, num_candidates, per_chunk):
@@ -144,7 +166,7 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
             metric = search.metric if search.weights else MinMax()
         if not q.spec.per_channel:
             x, xmin, xmax = x.reshape(1, -1), xmin.min().reshape(1), xmax.max().reshape(1)
-        lo, hi, score, base = search_range(x, xmin, xmax, q, metric, search.num_candidates)
+        lo, hi, score, base = search_range(x, xmin, xmax, q, metric, search.num_candidates, search.independent_ends)
         q.set_range(lo, hi)
         layer_name, tensor = _describe(name)
         choices.append(RangeChoice(

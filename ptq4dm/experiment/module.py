@@ -99,8 +99,9 @@ class PTQModule(SamplingModule):
         choices = []
         for name, q in quantizers.items():
             obs = observers[name]
-            lo, hi, score, base = search_range(obs.values(), obs.min.reshape(1), obs.max.reshape(1), q,
-                                               self.recipe.search.metric, self.recipe.search.num_candidates)
+            search = self.recipe.search
+            lo, hi, score, base = search_range(obs.values(), obs.min.reshape(1), obs.max.reshape(1), q, search.metric,
+                                               search.num_candidates, search.independent_ends)
             q.set_range(lo, hi)
             choices.append(RangeChoice(f"sampler.{name}", "sampler output", q.spec.bits, float(lo), float(hi),
                                        float(obs.min), float(obs.max), None if score is None else float(score),

@@ -75,7 +75,8 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     _check_types(ops, "ops", {"conv": bool, "linear": bool, "attn_matmul": bool, "shortcut_split": bool,
                               "network_input": bool, "first_last_bits": (int, type(None))})
     _check_types(bits, "bits", {"weight_symmetric": bool, "weight_per_channel": bool, "act_symmetric": bool})
-    _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int})
+    _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int,
+                                        "independent_ends": bool})
     _check_types(cfg.calib, "calib", {"num_samples": int, "batch_size": int, "seed": int})
     _check_types(cfg.eval, "eval", {"num_samples": int, "batch_size": int, "compile": bool})
     T = cfg.model.scheduler.num_train_timesteps
@@ -98,7 +99,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         raise ValueError(f"calib={cfg.calib.name} draws real images, but data=none: choose a data set (data=cifar10)")
     search = RangeSearch(metric=_instantiate(cfg.metric.fn, "metric.fn", RangeMetric),
                          num_candidates=cfg.metric.num_candidates, weights=cfg.metric.weights,
-                         max_values=cfg.metric.max_values)
+                         max_values=cfg.metric.max_values, independent_ends=cfg.metric.independent_ends)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", T) if cfg.calib.sampler else sampler
     axes = {"model": cfg.model.name, "sampler": f"{sampler['name']}-{sampler['steps']}", "ops": ops.name,
             "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name}
