@@ -35,6 +35,12 @@ class CalibrationSet:
     step_index: torch.Tensor  # (N,) index of t in the sampler's step list (-1 where not from a sampler)
     cond: torch.Tensor | None = None  # (N, ...) conditioning fed with them, if any (build_calibration_set)
 
+    @classmethod
+    def of_inputs(cls, x: torch.Tensor) -> "CalibrationSet":
+        """Inputs of a network that takes no time step (a VAE decoder, a text encoder): t = 0, no sampler step."""
+        zeros = torch.zeros(len(x), dtype=torch.long)
+        return cls(x=x, t=zeros, step_index=zeros - 1)
+
     def __len__(self) -> int:
         return len(self.x)
 
