@@ -226,6 +226,29 @@ def test_a_planted_nan_is_caught_and_its_layer_named():
         calibrate_(unet, as_denoiser(unet), calib, RangeSearch(), batch_size=4, progress=False)
 
 
+def test_calibrating_again_starts_from_full_precision():
+    """A second calibration observes full-precision activations, as the first did, and chooses again which
+    quantizers stay off: its ranges equal the first's (before the fix, the weights quantized by the first run
+    changed every later layer's statistics)."""
+    from ptq4dm.api import as_denoiser
+    from ptq4dm.calibration import RangeSearch, calibrate_
+    from ptq4dm.calibration.calibset import CalibrationSet
+    from ptq4dm.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    unet = quantize_(build_unet((32, 64, 64, 64), 8).eval(), QuantConfig(network_input=False))
+    calib = CalibrationSet(torch.randn(6, 3, 32, 32), torch.tensor([10, 200, 500, 900, 50, 700]), torch.zeros(6))
+    search = RangeSearch(num_candidates=10, max_values=2048)
+    with torch.no_grad():
+        first = calibrate_(unet, as_denoiser(unet), calib, search, batch_size=6, progress=False)
+        x = torch.randn(2, 3, 32, 32)
+        out = unet(x, torch.tensor([300, 300])).sample
+        second = calibrate_(unet, as_denoiser(unet), calib, search, batch_size=6, progress=False)
+        assert unet(x, torch.tensor([300, 300])).sample.equal(out)
+    assert [(c.quantizer, c.tensor, c.lo, c.hi) for c in second] == [(c.quantizer, c.tensor, c.lo, c.hi) for c in first]
+    assert sum(not q.enabled for q in unet.modules() if isinstance(q, Quantizer)) > 0  # x_t's stay off
+
+
 def test_a_nan_during_sampling_names_the_step():
     sampler = Sampler(build_noise_scheduler(), "ddim", steps=5)
     calls = []

@@ -133,6 +133,10 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
                          for i, q in enumerate(m.weight_quantizers)}
     act_quantizers = {n: q for n, q in network.named_modules()
                       if isinstance(q, Quantizer) and n not in weight_quantizers}
+    # Start over from full precision: a second calibration of the same network must not observe activations
+    # computed with the first one's quantized weights, nor keep its choice of which quantizers stay off.
+    for q in [*act_quantizers.values(), *(q for _, _, q in weight_quantizers.values())]:
+        q.reset()
     for layer in layers.values():
         layer.unfreeze_weight()
 

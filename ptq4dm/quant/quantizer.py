@@ -105,6 +105,11 @@ class Quantizer(nn.Module):
         self.calibrated.fill_(True)
         self.ready = True
 
+    def reset(self) -> None:
+        """Forget the range and switch back on: the quantizer passes its input through until ``set_range``."""
+        self.calibrated.fill_(False)
+        self.ready, self.enabled = False, True
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.ready = bool(self.calibrated)
