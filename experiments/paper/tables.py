@@ -102,12 +102,16 @@ def main_table(rows: list[dict]) -> str:
                     "FID to FP images": r["fid_vs_fp"], "PSNR to FP (dB)": r["psnr_vs_fp"],
                     "calibration (s)": r.get("calibration_seconds")})
     return (f"`python -m ptq4dm.run -m experiment=main_10k` (plus the overrides named in the rows); small_cifar10, "
-            f"DDIM 100, {fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 NDTC calibration "
-            f"samples, MSE (Lp 2.4) ranges.\n\n{markdown_table(out, list(out[0]))}")
+            f"DDIM 100, {fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 calibration "
+            f"samples, NDTC (gaussian_ts) and MSE (Lp 2.4) unless the row says otherwise.\n\n{markdown_table(out, list(out[0]))}")
 
 
 def _extra(row: dict) -> list[str]:
-    return [f"{k}={v}" for k, v in sorted(row.items()) if "." in k and k.split(".")[0] in ("ops", "calib", "metric")]
+    """The row's departures from main_10k's method: another calib or metric preset, any ops/calib/metric key."""
+    presets = [f"{k}={row[k]}" for k, default in (("calib", "gaussian_ts"), ("metric", "mse"))
+               if row.get(k) not in (None, "", default)]
+    return presets + [f"{k}={v}" for k, v in sorted(row.items())
+                      if "." in k and k.split(".")[0] in ("ops", "calib", "metric")]
 
 
 def main(root: Path = RESULTS) -> None:
