@@ -25,7 +25,7 @@ from ptq4dm.metrics.scoring import (
     score,
 )
 from ptq4dm.models.factory import load_model
-from ptq4dm.quant import load_quantized, read_quant_config, set_fused_kernels
+from ptq4dm.quant import load_quantized, quantizes_decoder, read_quant_config, set_fused_kernels
 from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import save_grid
@@ -57,7 +57,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if quant_config is not None:
         outputs = quant_config.sampler_outputs
         extra = SamplerOutputQuantizer(outputs, quant_config.act_spec()) if outputs else None
-        load_quantized(model.unet, cfg.quantized, extra)
+        decoder = model.decoder.autoencoder.decoder if quantizes_decoder(cfg.quantized) and model.decoder else None
+        load_quantized(model.unet, cfg.quantized, extra, decoder)  # a checkpoint with a decoder needs a latent model
         set_fused_kernels(model.unet, not cfg.eval.compile)
         sampling.output_quantizer = extra
     images = generate_images(sampling, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)

@@ -148,6 +148,9 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does not "
                          "take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "
                          "uniform_ts, single_ts, random_ts, noise)")
+    if recipe.quantize_decoder and model.decoder is None:
+        raise ValueError(f"ops.decoder=true: model={cfg.model.name} samples pixels and has no VAE decoder to quantize; "
+                         "allowed only with latent pipelines (model=pipeline, ldm_celebahq, stable_diffusion)")
     sampler = Sampler(model.scheduler, **cfg.sampler)
     calib_sampler = Sampler(model.scheduler, **recipe.calib_sampler)
     calib_images = None
@@ -190,7 +193,7 @@ def run(cfg: DictConfig) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     if module.ranges is not None:  # reload with ptq4dm.quant.load_quantized to sample without recalibrating
-        save_quantized(module.unet, out, extra=module.output_quantizer)
+        save_quantized(module.unet, out, extra=module.output_quantizer, decoder=module.quantized_decoder)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "ranges.csv", ranges_csv(module))
     n = cfg.eval.grid_size

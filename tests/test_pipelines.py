@@ -6,6 +6,9 @@ The pipelines are tiny, randomly initialized and written to disk by the fixtures
 transformers formats (a CLIP tokenizer over a small vocabulary), so loading is the path a real checkpoint takes.
 """
 
+import copy
+import csv
+import io
 import json
 import os
 import subprocess
@@ -184,6 +187,46 @@ def test_latent_models_refuse_image_calibration_sources_before_sampling(class_la
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "calib=forward_ts feeds real images, which a latent model" in proc.stderr
     assert not (tmp_path / "fp").exists()  # stopped before any sampling
+
+
+def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it(class_latent_pipeline, tmp_path):
+    """ops.decoder=true: the VAE decoder gets quantizers calibrated on the latents FP sampling ends with; the job's
+    checkpoint holds them, and ptq4dm.evaluate samples the same images from it without recalibrating."""
+    from ptq4dm.evaluation.sampling import load_shards
+    from ptq4dm.quant import load_quantized, quantizes_decoder
+
+    model_args = ["model=pipeline", f"model.pretrained={class_latent_pipeline}", "model.conditioning.kind=class",
+                  "model.conditioning.num_classes=4", "data=none", "sampler.steps=5", "eval.num_samples=8",
+                  "eval.batch_size=8", "metrics.kid_subset_size=4"]
+    job = tmp_path / "job"
+    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, *model_args, "ops.decoder=true", "logger=none",
+           f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(io.StringIO((job / "ranges.csv").read_text())))
+    vae_rows = [r for r in rows if r["quantizer"].startswith("vae.decoder.")]
+    assert len(vae_rows) > 10 and {"conv_in", "conv_out"} <= {r["quantizer"].split(".")[2] for r in vae_rows}
+    assert all(float(r["lo"]) < float(r["hi"]) for r in vae_rows)
+    assert quantizes_decoder(job)
+
+    model = load_model(_compose(*model_args).model)
+    with pytest.raises(ValueError, match="quantizes a VAE decoder too"):
+        load_quantized(copy.deepcopy(model.unet), job)  # the decoder is not silently left in full precision
+
+    run = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "ptq4dm.evaluate", *model_args, f"quantized={job}", "trainer.enable_progress_bar=false",
+           f"hydra.run.dir={run}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(load_shards(run / "samples", 8), load_shards(job / "samples", 8))
+
+
+def test_ops_decoder_on_a_pixel_model_is_refused_before_sampling(tmp_path):
+    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "ops.decoder=true", "logger=none",
+           f"hydra.run.dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "ops.decoder=true: model=tiny_cifar10 samples pixels" in proc.stderr
+    assert not (tmp_path / "fp").exists()
 
 
 def test_data_none_with_an_image_source_is_refused_by_the_recipe():

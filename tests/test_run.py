@@ -90,7 +90,8 @@ def test_bad_values_stop_before_any_model_is_loaded(monkeypatch):
              "metric.num_candidates=0", "ops=table1_variance": "sampler.eta", "ops.conv=maybe": "ops.conv='maybe'",
              "calib.num_samples=lots": "calib.num_samples='lots'", "metric.weights=2": "metric.weights=2",
              "eval.compile=yes": "eval.compile='yes'", "ops.network_input=1": "ops.network_input=1",
-             "metric.independent_ends=sometimes": "metric.independent_ends='sometimes'"}
+             "metric.independent_ends=sometimes": "metric.independent_ends='sometimes'",
+             "ops.decoder=vae": "ops.decoder='vae'"}
     for override, message in cases.items():
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("run", overrides=[override, "logger=none", "output_dir=/nonexistent"])

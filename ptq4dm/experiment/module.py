@@ -9,6 +9,7 @@ so the two image sets pair up image by image.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from ptq4dm.api import as_denoiser
 from ptq4dm.calibration import RangeChoice, calibrate_
+from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.calibration.observer import ValueSample
 from ptq4dm.calibration.search import search_range
 from ptq4dm.diffusion import Sampler, seeded_generators
@@ -31,12 +33,20 @@ class PTQModule(SamplingModule):
                  progress: bool = True, image_shape: tuple[int, int, int] | None = None, compile: bool = False,
                  decoder: nn.Module | None = None, conditioner=None):
         quantized = quantize_(copy.deepcopy(fp_unet).eval(), recipe.quant)
+        quantized_decoder = None
+        if recipe.quantize_decoder:
+            if decoder is None:
+                raise ValueError("ops.decoder=true: this model samples pixels and has no VAE decoder to quantize; "
+                                 "allowed only with latent pipelines")
+            decoder = copy.deepcopy(decoder).eval()  # the FP run keeps the original
+            quantized_decoder = quantize_(decoder.autoencoder.decoder, recipe.quant)
         super().__init__(quantized, sampler, seed=seed, precision=precision, image_shape=image_shape,
                          compile=compile, decoder=decoder, conditioner=conditioner)
         if compile:  # the whole network is compiled: its fake-quant ops fuse into the graph, no kernel of their own
             set_fused_kernels(quantized, False)
         self.fp_unet = fp_unet.eval()
         self.calib_sampler, self.recipe, self.calib_images, self.progress = calib_sampler, recipe, calib_images, progress
+        self.quantized_decoder = quantized_decoder  # the VAE's decoder network inside self.decoder, or None
         self.ranges: list[RangeChoice] | None = None
         self.timings: dict[str, float] = {}
         if recipe.quant.sampler_outputs:
@@ -61,6 +71,8 @@ class PTQModule(SamplingModule):
                                  self.recipe.calibration.batch_size, self.progress)
         if self.output_quantizer is not None:
             self.ranges += self.calibrate_sampler_outputs(device)
+        if self.quantized_decoder is not None:
+            self.ranges += self.calibrate_decoder(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -79,6 +91,18 @@ class PTQModule(SamplingModule):
                 return denoise(x, t, cond).float()
 
         return run
+
+    def calibrate_decoder(self, device, max_latents: int = 64) -> list[RangeChoice]:
+        """The VAE decoder's ranges, from the latents that full-precision sampling ends with (``ops.decoder``)."""
+        n = min(self.recipe.calibration.num_samples, max_latents)
+        generators = seeded_generators(self.recipe.calibration.seed + 2, range(n))
+        noise = self.sampler.initial_noise(generators, self.image_shape, device)
+        conditioning = None if self.conditioner is None else self.conditioner(torch.arange(n))
+        latents = self.sampler.sample(self.in_precision(self.fp_unet), noise, generators, conditioning=conditioning,
+                                      clip=False)
+        rows = calibrate_(self.quantized_decoder, lambda z, t, cond: self.decoder(z), CalibrationSet.of_inputs(latents),
+                          self.recipe.search, self.recipe.calibration.batch_size, self.progress)
+        return [dataclasses.replace(r, quantizer=f"vae.decoder.{r.quantizer}") for r in rows]
 
     def calibrate_sampler_outputs(self, device, max_trajectories: int = 64) -> list[RangeChoice]:
         """Ranges of the sampler's mean, variance and x_{t-1}, from full-precision trajectories."""

@@ -26,6 +26,7 @@ class PTQRecipe:
     search: RangeSearch
     calib_sampler: dict  # the sampler the calibration trajectories follow
     axes: dict[str, str]  # the choice on each axis, for tables and W&B group-by
+    quantize_decoder: bool = False  # a latent model's VAE decoder too (ops.decoder), with the same QuantConfig
 
 
 def _instantiate(node: DictConfig, key: str, kind: type):
@@ -73,7 +74,8 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     """Every axis checked for types and ranges, then turned into the objects a job runs with."""
     ops, bits = cfg.ops, cfg.bits
     _check_types(ops, "ops", {"conv": bool, "linear": bool, "attn_matmul": bool, "shortcut_split": bool,
-                              "network_input": bool, "first_last_bits": (int, type(None))})
+                              "network_input": bool, "decoder": bool,
+                              "first_last_bits": (int, type(None))})
     _check_types(bits, "bits", {"weight_symmetric": bool, "weight_per_channel": bool, "act_symmetric": bool})
     _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int,
                                         "independent_ends": bool})
@@ -103,4 +105,4 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", T) if cfg.calib.sampler else sampler
     axes = {"model": cfg.model.name, "sampler": f"{sampler['name']}-{sampler['steps']}", "ops": ops.name,
             "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name}
-    return PTQRecipe(quant, calibration, search, calib_sampler, axes)
+    return PTQRecipe(quant, calibration, search, calib_sampler, axes, quantize_decoder=ops.decoder)

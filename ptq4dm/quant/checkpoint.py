@@ -25,19 +25,21 @@ FILENAME = "quantization.safetensors"
 _BUFFERS = ("lo", "hi", "scale", "zero_point", "calibrated")
 
 
-def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None) -> Path:
-    """Write the quantization parameters of ``model`` (and of ``extra``, e.g. sampler-output quantizers)."""
+def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None,
+                   decoder: nn.Module | None = None) -> Path:
+    """Write the quantization parameters of ``model`` (and of ``extra``, e.g. sampler-output quantizers, and of
+    ``decoder``, a latent model's VAE decoder quantized with the same config)."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("model is not quantized (no quant_config): call quantize_ first")
-    tensors = {f"model.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
-               for name, q in quantizers(model).items() for b in _BUFFERS}
-    if extra is not None:
-        tensors.update({f"extra.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
-                        for name, q in quantizers(extra).items() for b in _BUFFERS})
+    parts = {"model": model, "extra": extra, "decoder": decoder}
+    tensors = {f"{part}.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
+               for part, module in parts.items() if module is not None
+               for name, q in quantizers(module).items() for b in _BUFFERS}
     meta = {"quant_config": asdict(config),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
-            "disabled": [n for n, q in quantizers(model).items() if not q.enabled]}
+            "disabled": [n for n, q in quantizers(model).items() if not q.enabled],
+            "decoder_disabled": None if decoder is None else [n for n, q in quantizers(decoder).items() if not q.enabled]}
     path = Path(folder) / FILENAME
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ptq4dm": json.dumps(meta)})
@@ -50,27 +52,47 @@ def checkpoint_path(folder: str | Path) -> Path:
     return path / FILENAME if path.is_dir() else path
 
 
-def read_quant_config(folder: str | Path) -> QuantConfig:
-    """The QuantConfig a checkpoint was made with (without loading its tensors)."""
+def _read_meta(folder: str | Path) -> dict:
     path = checkpoint_path(folder)
     if not path.is_file():
         raise FileNotFoundError(f"no quantized checkpoint at {path} (a ptq4dm.run job folder holds {FILENAME})")
     with safe_open(str(path), framework="pt") as f:
-        return QuantConfig(**json.loads(f.metadata()["ptq4dm"])["quant_config"])
+        return json.loads(f.metadata()["ptq4dm"])
 
 
-def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None) -> nn.Module:
-    """Quantize ``model`` (full precision, same architecture) in place as saved; every tensor must match."""
+def read_quant_config(folder: str | Path) -> QuantConfig:
+    """The QuantConfig a checkpoint was made with (without loading its tensors)."""
+    return QuantConfig(**_read_meta(folder)["quant_config"])
+
+
+def quantizes_decoder(folder: str | Path) -> bool:
+    """Whether a checkpoint holds a latent model's VAE decoder too (``ops.decoder=true``)."""
+    return _read_meta(folder).get("decoder_disabled") is not None
+
+
+def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None,
+                   decoder: nn.Module | None = None) -> nn.Module:
+    """Quantize ``model`` (full precision, same architecture) in place as saved; every tensor must match.
+
+    ``decoder``: the full-precision VAE decoder, quantized in place too when the checkpoint holds one.
+    """
     path = checkpoint_path(folder)
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["ptq4dm"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    quantize_(model, QuantConfig(**meta["quant_config"]))
+    saved_decoder = meta.get("decoder_disabled") is not None
+    if saved_decoder and decoder is None:
+        raise ValueError(f"{path} quantizes a VAE decoder too (ops.decoder=true): pass decoder=autoencoder.decoder")
+    if decoder is not None and not saved_decoder:
+        raise ValueError(f"{path} holds no VAE decoder (ops.decoder=false): leave decoder=None")
+    config = QuantConfig(**meta["quant_config"])
+    quantize_(model, config)
     for name, split in meta["splits"].items():
         model.get_submodule(name).set_split(split)
-    targets = {f"model.{n}": q for n, q in quantizers(model).items()}
-    if extra is not None:
-        targets.update({f"extra.{n}": q for n, q in quantizers(extra).items()})
+    if decoder is not None:
+        quantize_(decoder, config)
+    targets = {f"{part}.{n}": q for part, module in (("model", model), ("extra", extra), ("decoder", decoder))
+               if module is not None for n, q in quantizers(module).items()}
     expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}
     if expected != set(tensors):
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -80,7 +102,10 @@ def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
             q.load_state_dict({b: tensors[f"{name}.{b}"] for b in _BUFFERS})
     for name in meta["disabled"]:
         targets[f"model.{name}"].enabled = False
-    for layer in model.modules():
-        if isinstance(layer, QuantLayer):
-            layer.freeze_weight()
+    for name in meta.get("decoder_disabled") or []:
+        targets[f"decoder.{name}"].enabled = False
+    for network in (model, decoder):
+        for layer in (network.modules() if network is not None else ()):
+            if isinstance(layer, QuantLayer):
+                layer.freeze_weight()
     return model
