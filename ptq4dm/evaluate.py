@@ -57,8 +57,13 @@ def evaluate(cfg: DictConfig) -> dict:
     if quant_config is not None:
         outputs = quant_config.sampler_outputs
         extra = SamplerOutputQuantizer(outputs, quant_config.act_spec()) if outputs else None
-        decoder = model.decoder.autoencoder.decoder if quantizes_decoder(cfg.quantized) and model.decoder else None
-        load_quantized(model.unet, cfg.quantized, extra, decoder)  # a checkpoint with a decoder needs a latent model
+        decoder = None
+        if quantizes_decoder(cfg.quantized):
+            if model.decoder is None:
+                raise ValueError(f"quantized={cfg.quantized!r} was made with ops.decoder=true, but model="
+                                 f"{cfg.model.name} samples pixels and has no VAE decoder")
+            decoder = model.decoder.autoencoder.decoder
+        load_quantized(model.unet, cfg.quantized, extra, decoder)
         set_fused_kernels(model.unet, not cfg.eval.compile)
         sampling.output_quantizer = extra
     images = generate_images(sampling, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)

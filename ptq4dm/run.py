@@ -121,6 +121,8 @@ def config_digest(cfg: DictConfig) -> str:
     """What a job computes, as a hash: the resolved config without where it writes and how it reports."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in ("output_dir", "progress", "force", "logger")}
+    if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
+        keep["ops"].pop("decoder", None)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 

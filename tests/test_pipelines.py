@@ -199,8 +199,9 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
                   "model.conditioning.num_classes=4", "data=none", "sampler.steps=5", "eval.num_samples=8",
                   "eval.batch_size=8", "metrics.kid_subset_size=4"]
     job = tmp_path / "job"
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, *model_args, "ops.decoder=true", "logger=none",
-           f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    # ops=qdiffusion: shortcut splitting and attention matmuls for the UNet; the decoder has no skips to split
+    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, *model_args, "ops=qdiffusion", "ops.decoder=true",
+           "logger=none", f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(io.StringIO((job / "ranges.csv").read_text())))
@@ -219,6 +220,10 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(load_shards(run / "samples", 8), load_shards(job / "samples", 8))
+
+    cmd = [sys.executable, "-m", "ptq4dm.evaluate", f"quantized={job}", f"hydra.run.dir={tmp_path / 'eval2'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "was made with ops.decoder=true, but model=tiny_cifar10 samples pixels" in proc.stderr
 
 
 def test_ops_decoder_on_a_pixel_model_is_refused_before_sampling(tmp_path):

@@ -138,3 +138,19 @@ def test_compiled_sampling_matches_eager_sampling():
         b = compiled.predict_step(torch.arange(2))["images"].float()
     assert compiled._compiled_forward is not None
     assert (a - b).abs().mean() < 1.0  # mean difference under one 8-bit level
+
+
+def test_ops_decoder_off_keeps_the_digest_of_jobs_made_before_the_key():
+    """Jobs finished before ops.decoder existed are still recognised as done; ops.decoder=true is another job."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from ptq4dm.run import config_digest
+    from ptq4dm.utils.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        off, on = (compose("run", overrides=[f"ops.decoder={v}", "output_dir=x"]) for v in ("false", "true"))
+    before = off.copy()
+    with open_dict(before):
+        del before.ops["decoder"]
+    assert config_digest(off) == config_digest(before) != config_digest(on)

@@ -39,7 +39,7 @@ class PTQModule(SamplingModule):
                 raise ValueError("ops.decoder=true: this model samples pixels and has no VAE decoder to quantize; "
                                  "allowed only with latent pipelines")
             decoder = copy.deepcopy(decoder).eval()  # the FP run keeps the original
-            quantized_decoder = quantize_(decoder.autoencoder.decoder, recipe.quant)
+            quantized_decoder = quantize_(decoder.autoencoder.decoder, recipe.quant.for_decoder())
         super().__init__(quantized, sampler, seed=seed, precision=precision, image_shape=image_shape,
                          compile=compile, decoder=decoder, conditioner=conditioner)
         if compile:  # the whole network is compiled: its fake-quant ops fuse into the graph, no kernel of their own

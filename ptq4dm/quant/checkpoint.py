@@ -90,7 +90,7 @@ def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     for name, split in meta["splits"].items():
         model.get_submodule(name).set_split(split)
     if decoder is not None:
-        quantize_(decoder, config)
+        quantize_(decoder, config.for_decoder())
     targets = {f"{part}.{n}": q for part, module in (("model", model), ("extra", extra), ("decoder", decoder))
                if module is not None for n, q in quantizers(module).items()}
     expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}

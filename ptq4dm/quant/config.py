@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ptq4dm.quant.quantizer import QuantSpec
 
@@ -51,6 +51,11 @@ class QuantConfig:
                              f"allowed are {list(SAMPLER_OUTPUTS)}")
         if self.attn_matmul and self.act_bits is None:
             raise ValueError("attn_matmul=true needs act_bits: the matmul operands are activations")
+
+    def for_decoder(self) -> QuantConfig:
+        """The same bits and layer kinds for a VAE decoder (``ops.decoder``): it has no UNet skips to split and
+        no sampler outputs, and ``exclude`` patterns name the UNet's modules, not the decoder's."""
+        return replace(self, shortcut_split=False, exclude=(), sampler_outputs=())
 
     def weight_spec(self, bits: int | None = None) -> QuantSpec | None:
         """Weights' spec; ``bits`` raises the width (edge layers) but never turns quantization on."""
