@@ -22,18 +22,11 @@ from ptq4dm.calibration import calibrate_
 from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.diffusion import Sampler, seeded_generators
 from ptq4dm.evaluation.sampling import _DTYPES
-from ptq4dm.experiment.module import PTQModule
 from ptq4dm.experiment.recipe import recipe_from_config
 from ptq4dm.models.factory import load_model
 from ptq4dm.utils.config import CONF_DIR
 
-
-class Module(PTQModule):
-    """``precision`` applies on the CPU too (the library autocasts on CUDA only)."""
-
-    def autocast(self, device):
-        dtype = _DTYPES[self.precision]
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+from image_drift import Module  # the script beside this one: PTQModule with its autocast on the CPU too
 
 
 def main() -> None:

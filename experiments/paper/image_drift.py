@@ -3,7 +3,7 @@ with the FP and the quantized network (DDIM 100, as the GPU runs), and measure h
 from the FP ones: PSNR to FP on uint8 images (the number `ptq4dm.run` reports as psnr_vs_fp), the mean colour
 shift, and with ``--fid`` FID against CIFAR-10 and against the FP images.
 
-    python experiments/paper/image_drift.py --data-root ../shared/data/cifar10 > experiments/results/image_drift_cpu.txt
+    python experiments/paper/image_drift.py --data-root ../shared/data/cifar10 > experiments/results/image_drift_cpu.md
     python experiments/paper/image_drift.py --data-root ../shared/data/cifar10 --precision bf16 \
         --calib-samples 1024 --only "gaussian_ts, joint ends" "gaussian_ts (NDTC, trajectory)"
 

@@ -26,7 +26,7 @@ class PTQRecipe:
     search: RangeSearch
     calib_sampler: dict  # the sampler the calibration trajectories follow
     axes: dict[str, str]  # the choice on each axis, for tables and W&B group-by
-    quantize_decoder: bool = False  # a latent model's VAE decoder too (ops.decoder), with the same QuantConfig
+    quantize_decoder: bool = False  # a latent model's VAE decoder too (ops.decoder; QuantConfig.for_decoder)
 
 
 def _instantiate(node: DictConfig, key: str, kind: type):

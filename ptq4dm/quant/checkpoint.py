@@ -28,7 +28,7 @@ _BUFFERS = ("lo", "hi", "scale", "zero_point", "calibrated")
 def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None,
                    decoder: nn.Module | None = None) -> Path:
     """Write the quantization parameters of ``model`` (and of ``extra``, e.g. sampler-output quantizers, and of
-    ``decoder``, a latent model's VAE decoder quantized with the same config)."""
+    ``decoder``, a latent model's VAE decoder quantized with ``QuantConfig.for_decoder``)."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("model is not quantized (no quant_config): call quantize_ first")
@@ -104,8 +104,8 @@ def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
         targets[f"model.{name}"].enabled = False
     for name in meta.get("decoder_disabled") or []:
         targets[f"decoder.{name}"].enabled = False
-    for network in (model, decoder):
-        for layer in (network.modules() if network is not None else ()):
+    for network in (m for m in (model, decoder) if m is not None):
+        for layer in network.modules():
             if isinstance(layer, QuantLayer):
                 layer.freeze_weight()
     return model
