@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +52,16 @@ from ptq4dm.utils.table import markdown_table
 log = logging.getLogger(__name__)
 
 HEADLINE = ["model", "fid", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp", "psnr_vs_fp"]
+
+
+@contextmanager
+def stage(name: str, seconds: dict[str, float]):
+    """Log a job stage's start and end, and keep its wall time: where a long job spends its time."""
+    log.info("stage %s ...", name)
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - t0, 3)
+    log.info("stage %s: %.1f s", name, seconds[name])
 
 
 def sample_full_precision(cfg: DictConfig, model: DiffusionModel, sampler: Sampler,
@@ -145,38 +156,45 @@ def run(cfg: DictConfig) -> dict:
     save_resolved_config(cfg, out)
     torch.set_float32_matmul_precision("high")
     device = metrics_device(cfg.trainer)
-    model = load_model(cfg.model)
-    if model.decoder is not None and recipe.calibration.source.needs_images:
-        raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does not "
-                         "take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "
-                         "uniform_ts, single_ts, random_ts, noise)")
-    if recipe.quantize_decoder and model.decoder is None:
-        raise ValueError(f"ops.decoder=true: model={cfg.model.name} samples pixels and has no VAE decoder to quantize; "
-                         "allowed only with latent pipelines (model=pipeline, ldm_celebahq, stable_diffusion)")
-    sampler = Sampler(model.scheduler, **cfg.sampler)
-    calib_sampler = Sampler(model.scheduler, **recipe.calib_sampler)
-    calib_images = None
-    if recipe.calibration.source.needs_images:
-        calib_images = load_cifar10(cfg.data.root, cfg.data.split, cfg.data.format, cfg.data.cache_dir).images
-    extractor = make_extractor(device, cfg.metrics.inception_path)
-    reference = reference_from_config(cfg, extractor)  # None with data=none: scores against FP images only
+    stages: dict[str, float] = {}
+    with stage("setup", stages):
+        model = load_model(cfg.model)
+        if model.decoder is not None and recipe.calibration.source.needs_images:
+            raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does "
+                             "not take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "
+                             "uniform_ts, single_ts, random_ts, noise)")
+        if recipe.quantize_decoder and model.decoder is None:
+            raise ValueError(f"ops.decoder=true: model={cfg.model.name} samples pixels and has no VAE decoder to "
+                             "quantize; allowed only with latent pipelines (model=pipeline, ldm_celebahq, "
+                             "stable_diffusion)")
+        sampler = Sampler(model.scheduler, **cfg.sampler)
+        calib_sampler = Sampler(model.scheduler, **recipe.calib_sampler)
+        calib_images = None
+        if recipe.calibration.source.needs_images:
+            calib_images = load_cifar10(cfg.data.root, cfg.data.split, cfg.data.format, cfg.data.cache_dir).images
+        extractor = make_extractor(device, cfg.metrics.inception_path)
+        reference = reference_from_config(cfg, extractor)  # None with data=none: scores against FP images only
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
 
     # Every DDP rank takes part in both sampling runs; rank 0 alone scores and writes.
-    fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs)
+    with stage("fp_samples", stages):
+        fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs)
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
                        progress=bool(cfg.progress), image_shape=model.image_shape, compile=cfg.eval.compile,
                        decoder=model.decoder, conditioner=model.conditioner)
     t0 = time.perf_counter()
-    q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
+    with stage("calibrate_and_sample", stages):
+        q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples",
+                                   trainer_kwargs)
     if q_images is None or fp_images is None:
         return {}  # a non-zero DDP rank
     q_seconds = time.perf_counter() - t0 - module.timings.get("calibration_seconds", 0.0)
-    fp_stats, fp_scores = score_full_precision(cfg, fp_images, extractor, reference)
-    q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")
-    q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
-                **score(q_stats, fp_stats, cfg, suffix="_vs_fp"), **pixel_errors(q_images, fp_images),
-                "sampling_seconds": q_seconds}
+    with stage("scoring", stages):
+        fp_stats, fp_scores = score_full_precision(cfg, fp_images, extractor, reference)
+        q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")
+        q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
+                    **score(q_stats, fp_stats, cfg, suffix="_vs_fp"), **pixel_errors(q_images, fp_images),
+                    "sampling_seconds": q_seconds}
 
     results = {
         "status": "ok",
@@ -186,7 +204,8 @@ def run(cfg: DictConfig) -> dict:
         "fp": fp_scores,
         "quantized": q_scores,
         "timings": {**module.timings, "sampling_seconds_fp": fp_scores["sampling_seconds"],
-                    "sampling_seconds_quantized": q_seconds},
+                    "sampling_seconds_quantized": q_seconds,
+                    **{f"stage_seconds_{k}": v for k, v in stages.items()}},
         "num_samples": cfg.eval.num_samples,
         "num_calibration_samples": cfg.calib.num_samples,
         "calibration_timesteps": module.calibration_set.t.tolist() if module.ranges else None,

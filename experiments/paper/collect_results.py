@@ -18,13 +18,16 @@ KEEP = ("status", "axes", "overrides", "num_samples", "num_calibration_samples",
         "calibration_timesteps", "reference", "seed", "device", "error")
 
 
-def collect(sweep_dir: Path, out: Path, grids: int = 2) -> list[dict]:
+def collect(sweep_dir: Path, out: Path, grids: int = 2, also: tuple[Path, ...] = ()) -> list[dict]:
     write_summary(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for path in sorted(sweep_dir.glob("*/results.json")):
         record = json.loads(path.read_text())
         jobs.append({"job": path.parent.name, **{k: record[k] for k in KEEP if k in record}})
+    for folder in also:  # a job of another sweep with this sweep's config for one of its points: run once, used twice
+        record = json.loads((folder / "results.json").read_text())
+        jobs.append({"job": folder.name, "from_sweep": folder.parent.name, **{k: record[k] for k in KEEP if k in record}})
     (out / "jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
     for name in ("summary.csv", "summary.md"):
         if (sweep_dir / name).exists():
@@ -41,5 +44,7 @@ if __name__ == "__main__":
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--grids", type=int, default=2, help="jobs whose FP/quantized sample grids are copied")
+    parser.add_argument("--also", type=Path, nargs="*", default=(),
+                        help="job folders of other sweeps that ran one of this sweep's configs (same config digest)")
     args = parser.parse_args()
-    print(f"{len(collect(args.sweep_dir, args.out, args.grids))} jobs -> {args.out}")
+    print(f"{len(collect(args.sweep_dir, args.out, args.grids, tuple(args.also)))} jobs -> {args.out}")

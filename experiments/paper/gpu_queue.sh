@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The queue gpu_session.sh starts: the benchmark alone on the GPU, then the experiment sweeps in three
-# concurrent streams (one job at a time per stream; the small model leaves the H100 room for three). All
-# W8A8 sweeps come before any W4A8 sweep. Finished jobs are skipped on a re-run (same config digest).
+# The queue gpu_session.sh starts: the benchmark alone on the GPU (while the FID network arrives), then the
+# experiment sweeps in four concurrent streams (one job at a time per stream; the small model leaves the GPU
+# room for four). Finished jobs are skipped on a re-run (same config digest).
 # Arguments, if given, replace the default streams (one argument per stream, its jobs separated by spaces) and
-# skip the benchmark, e.g. a second machine finishing what the first did not:
-#   gpu_queue.sh "figure4_single_t:w8a8" "table2_calib_source:w8a8 table1_outputs:w8a8"
+# skip the benchmark, e.g. a second machine finishing what the first did not. A job is experiment:bits followed
+# by any overrides, each after a colon:
+#   gpu_queue.sh "figure4_single_t:w8a8" "table2_calib_source:w8a8 table3_ndtc_grid:w8a8:calib.timesteps.mean=0.2:calib.timesteps.std=0.2,0.4"
 set -uo pipefail
 cd "$STATE/src"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PTQ4DM_CACHE=$STATE/cache
+export OMP_NUM_THREADS=4  # four concurrent streams on 16 cores: CPU work (FID matrices, compilation) not oversubscribed
 common=(logger=csv progress=false metrics.inception_path=$STATE/default_1.pt data.root=$STATE/data)
 
 python3 - > "$STATE/results/environment.json" <<'PY'
@@ -27,11 +29,13 @@ while [ ! -f "$STATE/default_1.pt" ]; do sleep 5; done
 
 stream() {  # experiment:bits[:override ...] ...
   for job in "$@"; do
-    IFS=: read -r exp bits extra <<< "$job"
-    echo "$(date +%T) start $exp $bits $extra"
-    python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" $extra "${common[@]}" "hydra.sweep.dir=$STATE/multirun/$exp"
+    IFS=: read -r -a parts <<< "$job"
+    exp=${parts[0]} bits=${parts[1]} extra=("${parts[@]:2}")
+    echo "$(date +%T) start $exp $bits ${extra[*]}"
+    python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" "${extra[@]}" "${common[@]}" \
+      "hydra.sweep.dir=$STATE/multirun/$exp"
     python3 experiments/paper/collect_results.py "$STATE/multirun/$exp" "$STATE/results/$exp"
-    echo "$(date +%T) done $exp $bits $extra"
+    echo "$(date +%T) done $exp $bits ${extra[*]}"
   done
 }
 if [ $# -gt 0 ]; then
@@ -41,16 +45,21 @@ if [ $# -gt 0 ]; then
     stream $jobs > "$STATE/logs/S$n.log" 2>&1 &
   done
 else
-  # Most informative first (main_10k W8A8 and W4A8 with the current range search ran on 2026-12-02): the samplers,
-  # shortcut splitting and raw-image calibration, then every ablation again with the current search, W8A8 before
-  # W4A8 (the machine may be taken back before the end; finished jobs are kept).
-  stream table5_samplers:w8a8 main_10k:w8a8:ops.shortcut_split=true main_10k:w8a8:calib=raw \
-         table5_samplers:w4a8 > "$STATE/logs/A.log" 2>&1 &
-  stream table4_metric:w8a8 table2_calib_source:w8a8 table1_outputs:w8a8 \
-         table4_metric:w4a8 table2_calib_source:w4a8 table1_outputs:w4a8 > "$STATE/logs/B.log" 2>&1 &
-  stream table3_timesteps:w8a8 figure4_single_t:w8a8 table3_ndtc_grid:w8a8 \
-         table3_timesteps:w4a8 figure4_single_t:w4a8 table3_ndtc_grid:w4a8 > "$STATE/logs/C.log" 2>&1 &
+  # W8A8 before W4A8 (the machine may be taken back before the end; finished jobs are kept), the longest job
+  # (DDPM 1000 steps) first in a stream of its own. Jobs whose config another sweep already runs are left out
+  # (table3_timesteps' gaussian_ts is table2's gaussian_ts, table4's mse, table5's ddim and the grid's 0.4/0.4;
+  # its single_ts is Figure 4's t = 0.5): collect_results.py --also takes them in.
+  t4="calib.timesteps.t=0.05,0.25,0.75,0.95" grid="calib.timesteps.mean=0.2,0.6:calib.timesteps.std=0.2,0.4"
+  grid4="calib.timesteps.mean=0.4:calib.timesteps.std=0.2"
+  stream table5_samplers:w8a8:sampler=ddpm table1_outputs:w4a8 \
+         table5_samplers:w4a8:sampler=ddim_250,ddpm > "$STATE/logs/A.log" 2>&1 &
+  stream table5_samplers:w8a8:sampler=ddim_250 table1_outputs:w8a8 \
+         table4_metric:w4a8:metric=l1,cosine,kl > "$STATE/logs/B.log" 2>&1 &
+  stream table3_timesteps:w8a8 table2_calib_source:w8a8:calib=forward_ts,raw table4_metric:w8a8:metric=l1,cosine,kl \
+         table3_timesteps:w4a8 table2_calib_source:w4a8:calib=forward_ts,raw > "$STATE/logs/C.log" 2>&1 &
+  stream figure4_single_t:w8a8:$t4 table3_ndtc_grid:w8a8:$grid table3_ndtc_grid:w8a8:$grid4 \
+         figure4_single_t:w4a8:$t4 table3_ndtc_grid:w4a8:$grid table3_ndtc_grid:w4a8:$grid4 > "$STATE/logs/D.log" 2>&1 &
 fi
 wait
-grep -h "start\|done" "$STATE"/logs/[ABCS]*.log
+grep -h "start\|done" "$STATE"/logs/[ABCDS]*.log
 echo "$(date +%T) QUEUE DONE"
