@@ -20,12 +20,18 @@ SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")
                 if "sweeper" in (p.read_text()))
 
 
-def sweep_jobs(name: str) -> list[list[str]]:
-    """The override lists of the jobs Hydra's basic sweeper makes from the experiment's sweeper params."""
+def sweep_params(name: str) -> dict[str, str]:
+    """The experiment's sweeper params: key -> comma list."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("run", overrides=[f"experiment={name}"], return_hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
+    return {k: str(v) for k, v in OmegaConf.to_container(cfg.hydra.sweeper.params).items()}
+
+
+def sweep_jobs(name: str, **overrides: str) -> list[list[str]]:
+    """The override lists of the jobs Hydra's basic sweeper makes from the experiment's sweeper params, with any
+    key's comma list replaced (as a command-line override replaces it)."""
+    params = {**sweep_params(name), **overrides}
+    axes = [[f"{k}={v.strip()}" for v in values.split(",")] for k, values in params.items()]
     return [list(job) for job in itertools.product(*axes)]
 
 
@@ -62,29 +68,51 @@ def test_sweep_values_reach_the_job_config():
     assert (table5.sampler.name, table5.sampler.steps) == ("ddim", 250)
 
 
-@pytest.mark.parametrize("point", [
-    ("table2_calib_source", "calib=gaussian_ts"), ("table4_metric", "metric=mse"), ("table5_samplers", "sampler=ddim"),
-    ("table3_ndtc_grid", "calib.timesteps.mean=0.4", "calib.timesteps.std=0.4"),
-    ("figure4_single_t", "calib.timesteps.t=0.5"),
-])
-def test_points_shared_between_sweeps_are_one_job(point):
-    """experiments/paper/gpu_queue.sh runs these points once, as table3_timesteps' jobs, and collect_results.py
-    --also files them under the other sweep too: that is honest only if the two jobs compute the same thing."""
-    name, *overrides = point
-    calib = "calib=single_ts" if name == "figure4_single_t" else "calib=gaussian_ts"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        shared = compose("run", overrides=[f"experiment={name}", "bits=w4a8", *overrides, "output_dir=x"])
-        own = compose("run", overrides=["experiment=table3_timesteps", "bits=w4a8", calib, "output_dir=y"])
-        other = compose("run", overrides=["experiment=table3_timesteps", "bits=w4a8", "calib=uniform_ts",
-                                          "output_dir=y"])
-    assert config_digest(shared) == config_digest(own) != config_digest(other)
+PAPER = Path(CONF_DIR).parent / "experiments" / "paper"
+COLLECT = runpy.run_path(str(PAPER / "collect_results.py"))
+
+
+@pytest.mark.parametrize("name", sorted(COLLECT["SHARED_POINTS"]))
+def test_points_shared_between_sweeps_are_one_job(name):
+    """The GPU queue runs these points once, as table3_timesteps' jobs, and collect_results.py --shared files them
+    under the other sweep too: honest only if the two jobs compute the same thing (equal config digests)."""
+    calib, overrides = COLLECT["SHARED_POINTS"][name]
+    for bits in ("w8a8", "w4a8"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            point = compose("run", overrides=[f"experiment={name}", f"bits={bits}", *overrides, "output_dir=x"])
+            source = compose("run", overrides=[f"experiment={COLLECT['SHARED_SOURCE']}", f"bits={bits}",
+                                               f"calib={calib}", "output_dir=y"])
+            other = compose("run", overrides=[f"experiment={COLLECT['SHARED_SOURCE']}", f"bits={bits}",
+                                              "calib=uniform_ts", "output_dir=y"])
+        assert config_digest(point) == config_digest(source) != config_digest(other)
+
+
+def queued_jobs() -> dict[str, set[frozenset[str]]]:
+    """The jobs of queue.txt (the default GPU queue) by experiment, comma lists expanded as Hydra's sweeper does."""
+    jobs: dict[str, set[frozenset[str]]] = {}
+    for line in (PAPER / "queue.txt").read_text().splitlines():
+        for job in ([] if line.startswith("#") else line.split()):
+            exp, bits, *overrides = job.split(":")
+            chosen = dict(o.split("=", 1) for o in [f"bits={bits}", *overrides])
+            jobs.setdefault(exp, set()).update(frozenset(j) for j in sweep_jobs(exp, **chosen))
+    return jobs
+
+
+def test_the_default_gpu_queue_with_the_shared_points_runs_every_paper_sweep_whole():
+    queued = queued_jobs()
+    assert set(queued) == set(SWEEPS) - {"main_10k"}
+    for name, jobs in queued.items():
+        shared = set()
+        if name in COLLECT["SHARED_POINTS"]:
+            shared = {frozenset([f"bits={bits}", *COLLECT["SHARED_POINTS"][name][1]]) for bits in ("w8a8", "w4a8")}
+        assert not jobs & shared, f"{name}: a shared point is queued as well"
+        assert jobs | shared == {frozenset(job) for job in sweep_jobs(name)}, name
 
 
 def test_collect_results_files_a_shared_job_under_the_sweep_that_reuses_it(tmp_path):
-    """collect_results.py --also: the shared job appears in the reusing sweep's jobs.json and summary under that
-    sweep's name for the point, with the point's override, and never replaces one of the sweep's own jobs."""
-    collect = runpy.run_path(str(Path(CONF_DIR).parent / "experiments" / "paper" / "collect_results.py"))["collect"]
-    record = {"status": "ok", "axes": {"bits": "w8a8", "calib": "single_ts", "metric": "mse"},
+    """collect_results.py --shared: the shared job appears in the reusing sweep's jobs.json under the name Hydra
+    gives the point there, with the point's override and its FP grid, and never replaces the sweep's own job."""
+    record = {"status": "ok", "axes": {"bits": "w8a8", "calib": "single_ts", "metric": "mse", "sampler": "ddim-100"},
               "overrides": ["bits=w8a8", "calib=single_ts"], "fp": {"fid": 29.0}, "quantized": {"fid": 30.0},
               "num_samples": 2000}
     shared = tmp_path / "multirun" / "table3_timesteps" / "bits=w8a8,calib=single_ts"
@@ -92,12 +120,14 @@ def test_collect_results_files_a_shared_job_under_the_sweep_that_reuses_it(tmp_p
     for folder in (shared, own):
         folder.mkdir(parents=True)
     (shared / "results.json").write_text(json.dumps(record))
+    (shared / "samples_full_precision.png").write_bytes(b"fp grid")
     (own / "results.json").write_text(json.dumps({**record, "overrides": ["calib.timesteps.t=0.25"]}))
     out = tmp_path / "collected"
-    jobs = collect(own.parent, out, grids=0, also=(shared,), also_overrides=("calib.timesteps.t=0.5",))
+    jobs = COLLECT["collect"](own.parent, out, grids=0, shared=True)
     assert [j["job"] for j in jobs] == ["bits=w8a8,calib.timesteps.t=0.25", "bits=w8a8,calib.timesteps.t=0.5"]
     assert jobs[1]["from_sweep"] == "table3_timesteps/bits=w8a8,calib=single_ts"
     assert [r["calib.timesteps.t"] for r in load_jobs(out)] == ["0.25", "0.5"]
-    assert "calib.timesteps.t=0.5" in (out / "summary.md").read_text()
+    assert [p.name for p in out.glob("*.png")] == ["bits=w8a8,calib.timesteps.t=0.5__samples_full_precision.png"]
+    # Hydra's spelling of the point: 0.50 is filed as 0.5, where the sweep's own job would be
     with pytest.raises(FileExistsError, match="own job"):
-        collect(own.parent, out, grids=0, also=(shared,), also_overrides=("calib.timesteps.t=0.25",))
+        COLLECT["file_shared_job"](shared, own.parent, ("calib.timesteps.t=0.250",))

@@ -30,6 +30,10 @@ def test_two_by_two_multirun(tmp_path):
     for r in results:
         assert r["quantized"]["fid"] > 0 and r["quantized"]["psnr_vs_fp"] > 10
         assert r["fp"] == results[0]["fp"]  # one FP sample set, shared by the sweep
+        stages = {k: v for k, v in r["timings"].items() if k.startswith("stage_seconds_")}
+        assert set(stages) == {f"stage_seconds_{s}" for s in ("setup", "fp_samples", "calibrate_and_sample", "scoring")}
+        assert stages["stage_seconds_calibrate_and_sample"] >= r["timings"]["calibration_seconds"] > 0
+    assert "stage calibrate_and_sample:" in proc.stderr + proc.stdout  # each stage is logged with its time
     assert len(list((tmp_path / "fp").glob("*/shards/shard-*.pt"))) == 1
     # The calibration sets differ between the time-step distributions, as configured.
     assert results[0]["calibration_timesteps"] != results[2]["calibration_timesteps"]

@@ -2,9 +2,9 @@
 # The queue gpu_session.sh starts: the benchmark alone on the GPU (while the FID network arrives), then the
 # experiment sweeps in four concurrent streams (one job at a time per stream; the small model leaves the GPU
 # room for four). Finished jobs are skipped on a re-run (same config digest).
-# Arguments, if given, replace the default streams (one argument per stream, its jobs separated by spaces) and
-# skip the benchmark, e.g. a second machine finishing what the first did not. A job is experiment:bits followed
-# by any overrides, each after a colon:
+# Arguments, if given, replace the default streams of queue.txt (one argument per stream, its jobs separated by
+# spaces) and skip the benchmark, e.g. a second machine finishing what the first did not. A job is experiment:bits
+# followed by any overrides, each after a colon:
 #   gpu_queue.sh "figure4_single_t:w8a8" "table2_calib_source:w8a8 table3_ndtc_grid:w8a8:calib.timesteps.mean=0.2:calib.timesteps.std=0.2,0.4"
 set -uo pipefail
 cd "$STATE/src"
@@ -34,32 +34,22 @@ stream() {  # experiment:bits[:override ...] ...
     echo "$(date +%T) start $exp $bits ${extra[*]}"
     python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" "${extra[@]}" "${common[@]}" \
       "hydra.sweep.dir=$STATE/multirun/$exp"
-    python3 experiments/paper/collect_results.py "$STATE/multirun/$exp" "$STATE/results/$exp"
+    python3 experiments/paper/collect_results.py "$STATE/multirun/$exp" "$STATE/results/$exp" --shared
     echo "$(date +%T) done $exp $bits ${extra[*]}"
   done
 }
-if [ $# -gt 0 ]; then
-  n=0
-  for jobs in "$@"; do
-    n=$((n + 1))
-    stream $jobs > "$STATE/logs/S$n.log" 2>&1 &
-  done
-else
-  # W8A8 before W4A8 (the machine may be taken back before the end; finished jobs are kept), the longest job
-  # (DDPM 1000 steps) first in a stream of its own. Jobs whose config another sweep already runs are left out
-  # (table3_timesteps' gaussian_ts is table2's gaussian_ts, table4's mse, table5's ddim and the grid's 0.4/0.4;
-  # its single_ts is Figure 4's t = 0.5): collect_results.py --also takes them in.
-  t4="calib.timesteps.t=0.05,0.25,0.75,0.95" grid="calib.timesteps.mean=0.2,0.6:calib.timesteps.std=0.2,0.4"
-  grid4="calib.timesteps.mean=0.4:calib.timesteps.std=0.2"
-  stream table5_samplers:w8a8:sampler=ddpm table1_outputs:w4a8 \
-         table5_samplers:w4a8:sampler=ddim_250,ddpm > "$STATE/logs/A.log" 2>&1 &
-  stream table5_samplers:w8a8:sampler=ddim_250 table1_outputs:w8a8 \
-         table4_metric:w4a8:metric=l1,cosine,kl > "$STATE/logs/B.log" 2>&1 &
-  stream table3_timesteps:w8a8 table2_calib_source:w8a8:calib=forward_ts,raw table4_metric:w8a8:metric=l1,cosine,kl \
-         table3_timesteps:w4a8 table2_calib_source:w4a8:calib=forward_ts,raw > "$STATE/logs/C.log" 2>&1 &
-  stream figure4_single_t:w8a8:$t4 table3_ndtc_grid:w8a8:$grid table3_ndtc_grid:w8a8:$grid4 \
-         figure4_single_t:w4a8:$t4 table3_ndtc_grid:w4a8:$grid table3_ndtc_grid:w4a8:$grid4 > "$STATE/logs/D.log" 2>&1 &
-fi
+# Streams: the arguments, else the lines of queue.txt.
+if [ $# -gt 0 ]; then streams=("$@"); else mapfile -t streams < <(grep -v '^#' experiments/paper/queue.txt); fi
+n=0
+for jobs in "${streams[@]}"; do
+  n=$((n + 1))
+  stream $jobs > "$STATE/logs/S$n.log" 2>&1 &
+done
 wait
-grep -h "start\|done" "$STATE"/logs/[ABCDS]*.log
+# Once more, every sweep with the points another sweep's jobs computed for it (collect_results.SHARED_POINTS).
+for sweep in "$STATE"/multirun/*/; do
+  name=$(basename "$sweep")
+  python3 experiments/paper/collect_results.py "$sweep" "$STATE/results/$name" --shared >> "$STATE/logs/collect.log" 2>&1
+done
+grep -h "start\|done" "$STATE"/logs/S*.log
 echo "$(date +%T) QUEUE DONE"
