@@ -60,7 +60,7 @@ def stage(name: str, seconds: dict[str, float]):
     log.info("stage %s ...", name)
     t0 = time.perf_counter()
     yield
-    seconds[name] = round(time.perf_counter() - t0, 3)
+    seconds[name] = time.perf_counter() - t0
     log.info("stage %s: %.1f s", name, seconds[name])
 
 
@@ -182,13 +182,12 @@ def run(cfg: DictConfig) -> dict:
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
                        progress=bool(cfg.progress), image_shape=model.image_shape, compile=cfg.eval.compile,
                        decoder=model.decoder, conditioner=model.conditioner)
-    t0 = time.perf_counter()
     with stage("calibrate_and_sample", stages):
         q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples",
                                    trainer_kwargs)
     if q_images is None or fp_images is None:
         return {}  # a non-zero DDP rank
-    q_seconds = time.perf_counter() - t0 - module.timings.get("calibration_seconds", 0.0)
+    q_seconds = stages["calibrate_and_sample"] - module.timings.get("calibration_seconds", 0.0)
     with stage("scoring", stages):
         fp_stats, fp_scores = score_full_precision(cfg, fp_images, extractor, reference)
         q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")

@@ -101,8 +101,9 @@ def ndtc_grid(rows: list[dict]) -> str:
             out.append({"bits": b.upper(), "std / T": std,
                         **{f"mean {m} T": f"{got[m]['fid']:.2f} ({got[m]['fid_vs_fp']:.2f})" if m in got else ""
                            for m in means}})
-    return (f"`{COMMAND.format(name='table3_ndtc_grid', bits='w8a8')}` and `bits=w4a8`; {rows[0]['num_samples']} "
-            f"samples per FID; FP {rows[0]['fp_fid']:.2f}. FID (FID to FP images).\n\n{markdown_table(out, list(out[0]))}")
+    head = (f"`{COMMAND.format(name='table3_ndtc_grid', bits='w8a8')}` and `bits=w4a8`; {rows[0]['num_samples']} "
+            f"samples per FID; FP {rows[0]['fp_fid']:.2f}. FID (FID to FP images).")
+    return f"{head}\n\n{markdown_table(out, list(out[0]))}"
 
 
 def main_table(rows: list[dict]) -> str:
@@ -115,9 +116,10 @@ def main_table(rows: list[dict]) -> str:
         out.append({"model": label, "FID": f"{r['fid']:.2f} ({r['fid'] - r['fp_fid']:+.2f})", "sFID": r["sfid"],
                     "FID to FP images": r["fid_vs_fp"], "PSNR to FP (dB)": r["psnr_vs_fp"],
                     "calibration (s)": r.get("calibration_seconds")})
-    return (f"`python -m ptq4dm.run -m experiment=main_10k` (plus the overrides named in the rows); small_cifar10, "
+    head = (f"`python -m ptq4dm.run -m experiment=main_10k` (plus the overrides named in the rows); small_cifar10, "
             f"DDIM 100, {fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 calibration "
-            f"samples, NDTC (gaussian_ts) and MSE (Lp 2.4) unless the row says otherwise.\n\n{markdown_table(out, list(out[0]))}")
+            f"samples, NDTC (gaussian_ts) and MSE (Lp 2.4) unless the row says otherwise.")
+    return f"{head}\n\n{markdown_table(out, list(out[0]))}"
 
 
 def _extra(row: dict) -> list[str]:

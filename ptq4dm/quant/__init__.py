@@ -15,6 +15,6 @@ from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.quant.quantizer import Quantizer, QuantSpec, fake_quantize, grid_params
 
 __all__ = ["QuantAttnProcessor", "QuantConfig", "QuantLayer", "QuantSpec", "Quantizer", "fake_quantize",
-           "grid_params", "load_quantized", "quantizes_decoder", "read_quant_config", "quantizable_layers", "quantize_", "quantizers", "set_fused_kernels",
-           "set_quantization_enabled",
-           "save_quantized", "split_shortcuts_"]
+           "grid_params", "load_quantized", "quantizable_layers", "quantize_", "quantizers", "quantizes_decoder",
+           "read_quant_config", "save_quantized", "set_fused_kernels", "set_quantization_enabled",
+           "split_shortcuts_"]

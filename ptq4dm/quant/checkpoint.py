@@ -38,12 +38,16 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
                for name, q in quantizers(module).items() for b in _BUFFERS}
     meta = {"quant_config": asdict(config),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
-            "disabled": [n for n, q in quantizers(model).items() if not q.enabled],
-            "decoder_disabled": None if decoder is None else [n for n, q in quantizers(decoder).items() if not q.enabled]}
+            "disabled": _disabled(model), "decoder_disabled": None if decoder is None else _disabled(decoder)}
     path = Path(folder) / FILENAME
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ptq4dm": json.dumps(meta)})
     return path
+
+
+def _disabled(module: nn.Module) -> list[str]:
+    """The quantizers calibration switched off (left in full precision)."""
+    return [n for n, q in quantizers(module).items() if not q.enabled]
 
 
 def checkpoint_path(folder: str | Path) -> Path:
