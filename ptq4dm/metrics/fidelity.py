@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
@@ -100,14 +100,54 @@ def extract_features(images: torch.Tensor | Dataset, extractor, batch_size: int 
     return features
 
 
+def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (eigenvalues below 0 from round-off count as 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _factor(stats: ImageStatistics, layer: str) -> np.ndarray | None:
+    """F with sigma = F^T F from the set's own features when it has fewer images than dimensions (k x d), else
+    None. Only when the features are all of the set's images: a reference keeps a subset."""
+    f = stats.features.get(layer)
+    d = len(stats.stats[layer]["mu"])
+    if f is None or len(f) != stats.num_images or len(f) > d or len(f) < 2:
+        return None
+    x = f.double().numpy()
+    return (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
+
+
+def frechet_distance(a: ImageStatistics, b: ImageStatistics, layer: str) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b): torch-fidelity's FID formula, computed
+    without the general (non-symmetric) eigenvalue problem it solves. The eigenvalues of S_a S_b are those of the
+    symmetric PSD matrix F S_b F^T for any factor S_a = F^T F: the centred features of a set with fewer images
+    than dimensions (an n x n problem), or else the symmetric square root of S_a (cached on the statistics, as a
+    reference meets many generated sets). Same value to round-off (a test compares), several times faster on a CPU.
+    """
+    sa, sb = a.stats[layer], b.stats[layer]
+    for x, y in ((a, b), (b, a)):
+        f = _factor(x, layer)
+        if f is not None:
+            m = f @ y.stats[layer]["sigma"] @ f.T
+            break
+    else:
+        cache = a.__dict__.setdefault("_sqrt_sigma", {})
+        if layer not in cache:
+            cache[layer] = _sqrt_psd(sa["sigma"])
+        r = cache[layer]
+        m = r @ sb["sigma"] @ r
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    diff = sa["mu"] - sb["mu"]
+    return float(diff @ diff + np.trace(sa["sigma"]) + np.trace(sb["sigma"]) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
 def compute_metrics(generated: ImageStatistics, reference: ImageStatistics, kid_subset_size: int = 1000,
                     kid_subsets: int = 100, prc_neighborhood: int = 3, seed: int = 2020) -> dict[str, float | None]:
     """FID, sFID, KID and precision/recall of ``generated`` against ``reference`` (None where not computable)."""
     out: dict[str, float | None] = {}
     for metric, layer in (("fid", FID_LAYER), ("sfid", SPATIAL_LAYER)):
         if layer in generated.stats and layer in reference.stats:
-            out[metric] = fid_statistics_to_metric(generated.stats[layer], reference.stats[layer], False)[
-                "frechet_inception_distance"]
+            out[metric] = frechet_distance(reference, generated, layer)
         else:
             out[metric] = None
     g, r = generated.features.get(FID_LAYER), reference.features.get(FID_LAYER)
