@@ -7,6 +7,8 @@ Formats (``data.format``):
   ``auto``          the first of the above that is present
 
 Decoding is done once; the decoded array is cached as ``.npy`` next to nothing the user owns (``cache_dir``).
+The python batches are pickles, which can run code when loaded: they are read by an unpickler that builds only
+the builtin and NumPy types the format holds and refuses everything else.
 """
 
 from __future__ import annotations
@@ -82,6 +84,27 @@ def find_layout(root: Path, split: str, fmt: str) -> _Layout:
     )
 
 
+def layout_key(layout: _Layout) -> str:
+    """Identifies the data a layout holds without reading it: path, size and modification time of its files."""
+    paths = [layout.path] if layout.path.is_file() else sorted(p for p in layout.path.rglob("*") if p.is_file())
+    if layout.format == "python":  # every batch of the split, not only the first
+        paths = sorted(p for p in layout.path.parent.iterdir() if p.is_file())
+    h = hashlib.sha1()
+    for p in paths:
+        stat = p.stat()
+        h.update(f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(root: str | Path, split: str = "train", format: str = "auto") -> str | None:
+    """``<format>:<layout key>`` of the data a job would read, or None when there is none."""
+    try:
+        layout = find_layout(Path(root).expanduser(), split, format)
+    except DataNotFoundError:
+        return None
+    return f"{layout.format}:{layout_key(layout)}"
+
+
 def _verify_checksum(archive: Path) -> None:
     sums = archive.parent / "SHA256SUMS"
     if not sums.exists():
@@ -121,18 +144,44 @@ def _read_jpeg_tar(archive: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([images[i] for i in order]), np.array([labels[i][0] for i in order], dtype=np.int64)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds (dicts, lists, bytes, numbers, NumPy arrays); any other global a
+    pickle names (``os.system``, ``builtins.eval``, a class of some module) is refused before it is called."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("builtins", "bytearray"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only arrays, lists, bytes "
+                                         "and numbers, and loading this would run other code")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> dict:
+    """One ``cifar-10-batches-py`` pickle, read without running any code it may carry."""
+    with open(path, "rb") as f:
+        batch = _BatchUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"expected a dict with b'data' and b'labels', got {type(batch).__name__}")
+    return batch
+
+
 def _read_python(first_batch: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for name in names:
         path = first_batch.parent / name
         try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # noqa: S301 - the standard CIFAR-10 distribution format
+            batch = read_batch(path)
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        except (OSError, KeyError, pickle.UnpicklingError, ValueError) as err:
-            raise DataNotFoundError(f"CIFAR-10 python batch {path} is missing or malformed: {err}") from err
+        except (OSError, KeyError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
+            raise DataNotFoundError(f"CIFAR-10 python batch {path} is missing, malformed or unsafe: {err}") from err
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -159,8 +208,7 @@ def load_cifar10(root: str | Path, split: str = "train", format: str = "auto", c
         raise ValueError(f"data split={split!r} is not one of {SPLITS}")
     root = Path(root).expanduser()
     layout = find_layout(root, split, format)
-    stat = layout.path.stat()
-    key = hashlib.sha1(f"{layout.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = layout_key(layout)
     cache = Path(cache_dir or default_cache_dir() / "data") / f"cifar10-{split}-{layout.format}-{key}.npz"
     if cache.exists():
         with np.load(cache) as z:

@@ -1,12 +1,14 @@
 """Reference statistics of a data set, computed once and cached on disk, keyed by data set and extractor.
 
-Lookup order: the user cache (statistics plus a feature subset for KID and precision/recall), then the
-statistics shipped in the package (so FID against CIFAR-10 works with no data set at hand), then computing
-them from the data at ``data.root``.
+Lookup order: the user cache (statistics plus a feature subset for KID and precision/recall, keyed by the data
+set's files), then the statistics shipped in the package (so FID against CIFAR-10 works with no data set at
+hand), then computing them from the data at ``data.root``. ``reference_fingerprint`` names the source the
+lookup will use without reading it; ``statistics_digest`` identifies the statistics themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from ptq4dm.data import DataNotFoundError, load_cifar10
-from ptq4dm.data.cifar10 import find_layout
+from ptq4dm.data.cifar10 import find_layout, layout_key
 from ptq4dm.metrics.fidelity import ImageStatistics, extract_features
 from ptq4dm.metrics.inception import EXTRACTOR_NAME
 from ptq4dm.utils.io import atomic_save_npy, default_cache_dir
@@ -38,22 +40,56 @@ def save_statistics(stats: ImageStatistics, path: str | Path, with_features: boo
     return Path(path)
 
 
+def statistics_digest(stats: ImageStatistics) -> str:
+    """sha256 of the Gaussian statistics (every layer's mean and covariance): what FID and sFID are against."""
+    h = hashlib.sha256()
+    for layer in sorted(stats.stats):
+        for key in ("mu", "sigma"):
+            h.update(f"{layer}/{key}".encode() + np.ascontiguousarray(stats.stats[layer][key], np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _sources(root: str, split: str, format: str, cache: Path):
+    """(data layout or None, the statistics files to try in order) for a split."""
+    try:
+        layout = find_layout(Path(root).expanduser(), split, format)
+    except DataNotFoundError:
+        shipped = sorted(SHIPPED_STATS_DIR.glob(stats_filename(f"cifar10-{split}-*")))
+        cached = sorted(cache.glob(stats_filename(f"cifar10-{split}-*")))
+        return None, shipped + cached  # the shipped statistics are the known ones; then any computed earlier
+    dataset = f"cifar10-{split}-{layout.format}"
+    # Computed statistics are cached under the data's own key: another folder with the same layout is other data.
+    return layout, [cache / stats_filename(f"{dataset}-{layout_key(layout)}"), SHIPPED_STATS_DIR / stats_filename(dataset)]
+
+
+def reference_fingerprint(root: str, split: str = "train", format: str = "auto", cache_dir: str | None = None) -> str:
+    """What the statistics will come from, cheaply: the data set's files when present (whether or not its
+    statistics are cached yet), else the statistics file that will be read."""
+    cache = Path(cache_dir or default_cache_dir() / "fid_stats")
+    layout, files = _sources(root, split, format, cache)
+    if layout is not None:
+        return f"data {layout.format}:{layout_key(layout)}"
+    for path in files:
+        if path.parent == SHIPPED_STATS_DIR:  # part of the package: its bytes are in the code digest
+            return f"shipped statistics {path.name}"
+        stat = path.stat()
+        return f"statistics {path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return "none"
+
+
 def reference_statistics(root: str, split: str = "train", format: str = "auto", extractor=None,
                          cache_dir: str | None = None, max_features: int = 10000, batch_size: int = 200,
                          seed: int = 0, progress: bool = True, **_ignored) -> ImageStatistics:
     """Statistics of a CIFAR-10 split for FID/sFID, with up to ``max_features`` features for KID and PRC."""
     cache = Path(cache_dir or default_cache_dir() / "fid_stats")
-    try:
-        layout = find_layout(Path(root).expanduser(), split, format)
-        dataset = f"cifar10-{split}-{layout.format}"
-    except DataNotFoundError:
-        shipped = sorted(SHIPPED_STATS_DIR.glob(stats_filename(f"cifar10-{split}-*")))
-        cached = sorted(cache.glob(stats_filename(f"cifar10-{split}-*")))
-        for path in cached + shipped:
+    layout, files = _sources(root, split, format, cache)
+    if layout is None:
+        for path in files:
             log.info("no CIFAR-10 %s split at data.root=%s: FID against the statistics in %s", split, root, path)
             return load_statistics(path)
-        raise
-    for path in (cache / stats_filename(dataset), SHIPPED_STATS_DIR / stats_filename(dataset)):
+        find_layout(Path(root).expanduser(), split, format)  # raises DataNotFoundError naming what was looked for
+    dataset = f"cifar10-{split}-{layout.format}"
+    for path in files:
         if path.exists():
             return load_statistics(path)
     if extractor is None:
@@ -64,5 +100,5 @@ def reference_statistics(root: str, split: str = "train", format: str = "auto", 
     stats = ImageStatistics.from_features(dataset, EXTRACTOR_NAME, features)
     keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_features]
     stats.features = {layer: f[keep] for layer, f in features.items() if layer == "2048"}
-    save_statistics(stats, cache / stats_filename(dataset))
-    return stats
+    save_statistics(stats, files[0])
+    return load_statistics(files[0])  # as stored: the first job scores against what later ones read
