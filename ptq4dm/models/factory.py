@@ -11,12 +11,12 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
+from torch import nn
 
 from ptq4dm.models.improved_diffusion import load_improved_diffusion_model
 from ptq4dm.models.pipeline import load_pipeline_model
 from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler, resolve_model_dir
-from ptq4dm.utils.checkpoints import load_checkpoint
+from ptq4dm.utils.checkpoints import read_state_dict
 
 
 def load_model(cfg: DictConfig) -> DiffusionModel:
@@ -30,37 +30,55 @@ def load_model(cfg: DictConfig) -> DiffusionModel:
         return load_pipeline_model(cfg.pretrained, None if conditioning is None else
                                    OmegaConf.to_container(conditioning, resolve=True),
                                    decode_batch_size=cfg.get("decode_batch_size", 32))
-    net = instantiate(cfg.factory)
+    net = instantiate(cfg.factory)  # user code, by design (README: security notes)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model.factory._target_={cfg.factory.get('_target_')!r} returned a "
+                        f"{type(net).__name__}: expected a torch.nn.Module computing f(x, t) -> eps")
     if cfg.get("checkpoint"):
-        path = Path(cfg.checkpoint).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model.checkpoint={str(path)!r} does not exist")
-        state = load_file(str(path)) if path.suffix == ".safetensors" else load_checkpoint(
-            path, cfg.get("trust_checkpoint", False), "model.trust_checkpoint")
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        net.load_state_dict(state, strict=True)  # every tensor used, every shape checked
+        state = read_state_dict(cfg.checkpoint, "model.checkpoint", cfg.get("trust_checkpoint", False),
+                                "model.trust_checkpoint")
+        load_strictly(net, state, f"model.checkpoint={str(cfg.checkpoint)!r}")
     net.eval().requires_grad_(False)
     scheduler = build_noise_scheduler(**cfg.scheduler)
     return DiffusionModel(net, scheduler, cfg.name, image_shape=tuple(cfg.image_shape))
 
 
+def load_strictly(net: nn.Module, state: dict, source: str) -> None:
+    """Every tensor used and every shape checked; a mismatch names the source and the tensors."""
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [f"{k} {tuple(state[k].shape)} (the network's: {tuple(own[k].shape)})" for k in sorted(own)
+                if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(f"{source} does not fit the network from model.factory: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, other shapes {reshaped[:5]} "
+                         f"({len(missing)}/{len(unexpected)}/{len(reshaped)} tensors)")
+    net.load_state_dict(state, strict=True)
+
+
 def model_identity(cfg: DictConfig) -> str:
-    """A digest of everything of the model that shapes its samples (for caches)."""
+    """A digest of everything of the model that shapes its samples (for caches and for skipping finished jobs):
+    every file of the pipeline's components whatever its format (.safetensors, .bin, ...), the conditioning and
+    a prompts file's contents; for a custom or improved-diffusion model its config and checkpoint file."""
     h = hashlib.sha1()
     if cfg.get("factory") is None and cfg.get("improved_diffusion") is None:
         folder = resolve_model_dir(cfg.pretrained)
-        files = [folder / "scheduler" / "scheduler_config.json"]
-        for sub in ("unet", "vae", "vqvae", "text_encoder"):  # the networks an image depends on
+        files = []
+        for sub in ("scheduler", "unet", "vae", "vqvae", "text_encoder", "tokenizer"):  # what an image depends on
             if (folder / sub).is_dir():
-                files += sorted((folder / sub).glob("*.safetensors")) + [folder / sub / "config.json"]
+                files += sorted(p for p in (folder / sub).rglob("*") if p.is_file() and not p.name.startswith("."))
         conditioning = cfg.get("conditioning")
         conditioning = {} if conditioning is None else OmegaConf.to_container(conditioning, resolve=True)
         h.update(json.dumps(conditioning, sort_keys=True).encode())
+        if conditioning.get("prompts_file"):  # its lines are the prompts: key by them, not by the path
+            files.append(Path(conditioning["prompts_file"]).expanduser())
     else:
         h.update(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode())
         files = [Path(cfg.checkpoint).expanduser()] if cfg.get("checkpoint") else []
     for f in files:
-        _update_with_file(h, f)
+        h.update(f.name.encode() + b"\0")
+        if f.is_file():
+            _update_with_file(h, f)
     return h.hexdigest()
 
 

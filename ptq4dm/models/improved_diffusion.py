@@ -16,8 +16,6 @@ Every checkpoint tensor is used and every shape is checked; a mismatch names the
 from __future__ import annotations
 
 import math
-import pickle
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +25,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import Timesteps
-from safetensors.torch import load_file
 
 from ptq4dm.models.unet import DiffusionModel
-from ptq4dm.utils.checkpoints import UnsafeCheckpointError, load_checkpoint
+from ptq4dm.utils.checkpoints import read_state_dict as read_checkpoint
 
 # improved-diffusion's script_util.create_model picks the channel multipliers from the image size.
 CHANNEL_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
@@ -260,20 +257,7 @@ def load_state_dict_strict(unet: UNet2DModel, state: Mapping[str, torch.Tensor],
 
 def read_state_dict(path: str | Path, trusted: bool = False) -> Mapping[str, torch.Tensor]:
     """A .pt file (read with weights_only=True) or a .safetensors file; a clear error for anything else."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    with open(path, "rb") as f:
-        head = f.read(2)
-    # torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle (b"\x80" + protocol).
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
-        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
-    try:
-        return load_checkpoint(path, trusted, "model.trust_checkpoint")
-    except UnsafeCheckpointError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
+    return read_checkpoint(path, "model.checkpoint", trusted, "model.trust_checkpoint")
 
 
 def build_scheduler(**config) -> DDPMScheduler:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,9 +26,11 @@ _BUFFERS = ("lo", "hi", "scale", "zero_point", "calibrated")
 
 
 def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None,
-                   decoder: nn.Module | None = None) -> Path:
+                   decoder: nn.Module | None = None, source: dict | None = None) -> Path:
     """Write the quantization parameters of ``model`` (and of ``extra``, e.g. sampler-output quantizers, and of
-    ``decoder``, a latent model's VAE decoder quantized with ``QuantConfig.for_decoder``)."""
+    ``decoder``, a latent model's VAE decoder quantized with ``QuantConfig.for_decoder``). ``source`` says which
+    full-precision model they belong to (``{"model": name, "model_identity": digest}``), so that loading them
+    onto another model can be refused before it is loaded."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("model is not quantized (no quant_config): call quantize_ first")
@@ -38,7 +40,8 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
                for name, q in quantizers(module).items() for b in _BUFFERS}
     meta = {"quant_config": asdict(config),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
-            "disabled": _disabled(model), "decoder_disabled": None if decoder is None else _disabled(decoder)}
+            "disabled": _disabled(model), "decoder_disabled": None if decoder is None else _disabled(decoder),
+            "source": source or {}}
     path = Path(folder) / FILENAME
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ptq4dm": json.dumps(meta)})
@@ -56,12 +59,28 @@ def checkpoint_path(folder: str | Path) -> Path:
     return path / FILENAME if path.is_dir() else path
 
 
-def _read_meta(folder: str | Path) -> dict:
+def _read(folder: str | Path, tensors: bool = False) -> tuple[Path, dict, dict]:
+    """(path, metadata, tensors if asked) of a checkpoint; any unreadable file fails naming the path."""
     path = checkpoint_path(folder)
     if not path.is_file():
         raise FileNotFoundError(f"no quantized checkpoint at {path} (a ptq4dm.run job folder holds {FILENAME})")
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["ptq4dm"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["ptq4dm"])
+            values = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, KeyError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a ptq4dm quantized checkpoint (a safetensors file written by "
+                         f"ptq4dm.run with 'ptq4dm' metadata): {type(err).__name__}: {err}") from err
+    return path, meta, values
+
+
+def _read_meta(folder: str | Path) -> dict:
+    return _read(folder)[1]
+
+
+def checkpoint_source(folder: str | Path) -> dict:
+    """Which full-precision model a checkpoint was calibrated on (``model``, ``model_identity``), if recorded."""
+    return _read_meta(folder).get("source") or {}
 
 
 def read_quant_config(folder: str | Path) -> QuantConfig:
@@ -80,21 +99,38 @@ def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
 
     ``decoder``: the full-precision VAE decoder, quantized in place too when the checkpoint holds one.
     """
-    path = checkpoint_path(folder)
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["ptq4dm"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path, meta, tensors = _read(folder, tensors=True)
+    _check_decoder(path, meta, decoder)
+    config = QuantConfig(**meta["quant_config"])
+    quantize_(model, config)
+    if decoder is not None:
+        quantize_(decoder, config.for_decoder())
+    return _restore(path, meta, tensors, model, extra, decoder)
+
+
+def restore_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None,
+                      decoder: nn.Module | None = None) -> nn.Module:
+    """Give a network that ``quantize_`` already prepared with the checkpoint's own config (a job resuming its
+    saved calibration) the saved ranges, splits and switched-off quantizers; every tensor must match."""
+    path, meta, tensors = _read(folder, tensors=True)
+    _check_decoder(path, meta, decoder)
+    if QuantConfig(**meta["quant_config"]) != getattr(model, "quant_config", None):
+        raise ValueError(f"{path} was made with another QuantConfig than this network's: {meta['quant_config']}")
+    return _restore(path, meta, tensors, model, extra, decoder)
+
+
+def _check_decoder(path: Path, meta: dict, decoder: nn.Module | None) -> None:
     saved_decoder = meta.get("decoder_disabled") is not None
     if saved_decoder and decoder is None:
         raise ValueError(f"{path} quantizes a VAE decoder too (ops.decoder=true): pass decoder=autoencoder.decoder")
     if decoder is not None and not saved_decoder:
         raise ValueError(f"{path} holds no VAE decoder (ops.decoder=false): leave decoder=None")
-    config = QuantConfig(**meta["quant_config"])
-    quantize_(model, config)
+
+
+def _restore(path: Path, meta: dict, tensors: dict, model: nn.Module, extra: nn.Module | None,
+             decoder: nn.Module | None) -> nn.Module:
     for name, split in meta["splits"].items():
         model.get_submodule(name).set_split(split)
-    if decoder is not None:
-        quantize_(decoder, config.for_decoder())
     targets = {f"{part}.{n}": q for part, module in (("model", model), ("extra", extra), ("decoder", decoder))
                if module is not None for n, q in quantizers(module).items()}
     expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}
