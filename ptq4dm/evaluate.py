@@ -24,8 +24,10 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
-from ptq4dm.models.factory import load_model
-from ptq4dm.quant import load_quantized, quantizes_decoder, read_quant_config, set_fused_kernels
+from ptq4dm.experiment.provenance import device_name, provenance
+from ptq4dm.experiment.recipe import check_job
+from ptq4dm.models.factory import load_model, model_identity
+from ptq4dm.quant import checkpoint_source, load_quantized, quantizes_decoder, read_quant_config, set_fused_kernels
 from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import save_grid
@@ -35,14 +37,37 @@ from ptq4dm.utils.table import markdown_table
 log = logging.getLogger(__name__)
 
 
+def check_quantized_source(cfg: DictConfig) -> None:
+    """A ``quantized=`` checkpoint must belong to ``model``: compared by the model files' digest it records
+    (or, for older checkpoints, the model name in the job folder's config.yaml), before any model is loaded."""
+    source = checkpoint_source(cfg.quantized)
+    if source.get("model_identity"):
+        if source["model_identity"] != model_identity(cfg.model):
+            raise ValueError(f"quantized={cfg.quantized!r} was calibrated on model={source.get('model')!r} (other "
+                             f"files than model={cfg.model.name}'s now): allowed is the model it was made for, "
+                             f"model={source.get('model')}")
+        return
+    config = Path(cfg.quantized).expanduser() / "config.yaml"
+    if config.is_file():
+        saved = OmegaConf.load(config).get("model", {})
+        if saved.get("name") != cfg.model.name or saved.get("pretrained") != cfg.model.get("pretrained"):
+            raise ValueError(f"quantized={cfg.quantized!r} was calibrated on model={saved.get('name')!r} "
+                             f"(pretrained={saved.get('pretrained')!r}), not on model={cfg.model.name}: allowed "
+                             f"is the model it was made for")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
+    check_job(cfg)  # values in range, before anything is loaded
     quant_config = None
     if cfg.quantized:  # a wrong path fails here, before anything is loaded
         try:
             quant_config = read_quant_config(cfg.quantized)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"quantized={cfg.quantized!r}: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"quantized={cfg.quantized!r}: {err}") from err
+        check_quantized_source(cfg)
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
     model = load_model(cfg.model)
@@ -51,7 +76,7 @@ def evaluate(cfg: DictConfig) -> dict:
     reference = reference_from_config(cfg, extractor)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer)
     t0 = time.perf_counter()
-    sampling = SamplingModule(model.unet.eval(), sampler, seed=cfg.seed, precision=cfg.eval.precision,
+    sampling = SamplingModule(model.unet.eval(), sampler, seed=cfg.seed, precision=str(cfg.eval.precision),
                               image_shape=model.image_shape, compile=cfg.eval.compile, decoder=model.decoder,
                               conditioner=model.conditioner)
     if quant_config is not None:
@@ -80,10 +105,11 @@ def evaluate(cfg: DictConfig) -> dict:
         "sampler": f"{cfg.sampler.name}-{cfg.sampler.steps}",
         "num_samples": cfg.eval.num_samples,
         "seed": cfg.seed,
-        "autocast": cfg.eval.precision,
+        "autocast": str(cfg.eval.precision),
         **scores,
         "sampling_seconds": round(sampling_seconds, 2),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device_name(metrics_device(cfg.trainer)),
+        "provenance": provenance(metrics_device(cfg.trainer)),
     }
     atomic_write_json(out / "results.json", results)
     print(markdown_table([results], ["model", "sampler", "num_samples", "fid", "sfid", "kid", "precision",

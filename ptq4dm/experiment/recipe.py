@@ -6,15 +6,16 @@ message naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.accelerators import AcceleratorRegistry
 
 from ptq4dm.calibration import CalibrationRecipe, CalibrationSource, RangeMetric, RangeSearch, TimestepDistribution
 from ptq4dm.diffusion.sampler import SAMPLERS
 from ptq4dm.quant import QuantConfig
+from ptq4dm.utils.targets import build_typed
 
 AXES = ("model", "sampler", "ops", "bits", "calib", "metric")
 
@@ -29,26 +30,57 @@ class PTQRecipe:
     quantize_decoder: bool = False  # a latent model's VAE decoder too (ops.decoder; QuantConfig.for_decoder)
 
 
-def _instantiate(node: DictConfig, key: str, kind: type):
+def check_trainer(trainer: DictConfig) -> None:
+    """Lightning's own checks of the trainer arguments (accelerator, devices, strategy, precision), run now
+    by building a Trainer, instead of after the model is loaded."""
+    import pytorch_lightning as pl
+
+    kwargs = OmegaConf.to_container(trainer, resolve=True)
+    quiet = logging.getLogger("pytorch_lightning")  # its "GPU available" lines come again when the job samples
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
-        obj = instantiate(node)
-    except InstantiationException as err:  # unwrap the constructor's own message, which names the key
-        cause = err.__cause__ or err
-        raise ValueError(f"{key}: {cause}") from err
-    if not isinstance(obj, kind):
-        raise ValueError(f"{key}._target_={node.get('_target_')!r} is not a {kind.__name__}")
-    return obj
+        pl.Trainer(**{**kwargs, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+    except Exception as err:  # noqa: BLE001 - Lightning raises several kinds; all mean a bad trainer.* value
+        given = ", ".join(f"trainer.{k}={v!r}" for k, v in kwargs.items()
+                          if k in ("accelerator", "devices", "strategy", "precision", "num_nodes"))
+        raise ValueError(f"trainer: {err} ({given}; accelerators here: "
+                         f"{sorted(AcceleratorRegistry.available_accelerators())})") from err
+    finally:
+        quiet.setLevel(level)
+
+
+def check_image_shape(model: DictConfig) -> None:
+    shape = model.get("image_shape")
+    if shape is None:
+        return
+    shape = list(shape)
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise ValueError(f"model.image_shape={shape}: allowed is [C, H, W], three whole numbers of 1 or more")
 
 
 def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int = 1000) -> dict:
-    sampler = OmegaConf.to_container(sampler) if isinstance(sampler, DictConfig) else dict(sampler)
+    """A sampler node as a dict, its values in range (Hydra checked the types: SamplerConfig)."""
+    sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else dict(sampler)
     if sampler.get("name") not in SAMPLERS:
         raise ValueError(f"{key}.name={sampler.get('name')!r}: allowed are {sorted(SAMPLERS)}")
     steps = sampler.get("steps")
     if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"{key}.steps={steps!r}: allowed is a whole number from 1 to {num_train_timesteps} "
                          "(the model's training steps)")
+    eta = sampler.get("eta", 0.0)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"{key}.eta={eta!r}: allowed is a number from 0 (deterministic DDIM) to 1")
     return sampler
+
+
+def check_job(cfg: DictConfig) -> None:
+    """The checks every entry point (ptq4dm.run, ptq4dm.evaluate) runs on what it shares, before loading."""
+    for key in ("eval", "metrics"):  # ranges (types were checked when Hydra composed the config)
+        OmegaConf.to_object(cfg[key])
+    check_sampler(cfg.sampler, "sampler", cfg.model.scheduler.num_train_timesteps)
+    check_image_shape(cfg.model)
+    check_trainer(cfg.trainer)
 
 
 def check_sampler_outputs(outputs: tuple[str, ...], sampler: dict) -> None:
@@ -62,25 +94,11 @@ def check_sampler_outputs(outputs: tuple[str, ...], sampler: dict) -> None:
                          f"{sampler.get('eta', 0)} adds no noise: use sampler=ddpm or sampler.eta > 0")
 
 
-def _check_types(node: DictConfig, group: str, types: dict[str, type | tuple]) -> None:
-    for key, kind in types.items():
-        value = node.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise ValueError(f"{group}.{key}={value!r}: allowed is a {names}".replace("NoneType", "null"))
-
-
 def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
-    """Every axis checked for types and ranges, then turned into the objects a job runs with."""
+    """Every axis checked for ranges (Hydra checked the types: schema.py), then turned into the objects a job
+    runs with."""
     ops, bits = cfg.ops, cfg.bits
-    _check_types(ops, "ops", {"conv": bool, "linear": bool, "attn_matmul": bool, "shortcut_split": bool,
-                              "network_input": bool, "decoder": bool,
-                              "first_last_bits": (int, type(None))})
-    _check_types(bits, "bits", {"weight_symmetric": bool, "weight_per_channel": bool, "act_symmetric": bool})
-    _check_types(cfg.metric, "metric", {"num_candidates": int, "weights": bool, "max_values": int,
-                                        "independent_ends": bool})
-    _check_types(cfg.calib, "calib", {"num_samples": int, "batch_size": int, "seed": int})
-    _check_types(cfg.eval, "eval", {"num_samples": int, "batch_size": int, "compile": bool})
+    check_job(cfg)
     T = cfg.model.scheduler.num_train_timesteps
     sampler = check_sampler(cfg.sampler, "sampler", T)
     for key in ("weight", "act"):
@@ -91,15 +109,16 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         weight_bits=bits.weight, act_bits=bits.act, weight_symmetric=bits.weight_symmetric,
         weight_per_channel=bits.weight_per_channel, act_symmetric=bits.act_symmetric, conv=ops.conv,
         linear=ops.linear, attn_matmul=ops.attn_matmul, first_last_bits=ops.first_last_bits,
-        network_input=ops.network_input, shortcut_split=ops.shortcut_split, exclude=tuple(ops.exclude), sampler_outputs=tuple(ops.sampler_outputs))
+        network_input=ops.network_input, shortcut_split=ops.shortcut_split, exclude=tuple(ops.exclude),
+        sampler_outputs=tuple(ops.sampler_outputs))
     check_sampler_outputs(quant.sampler_outputs, sampler)
     calibration = CalibrationRecipe(
-        timesteps=_instantiate(cfg.calib.timesteps, "calib.timesteps", TimestepDistribution),
-        source=_instantiate(cfg.calib.source, "calib.source", CalibrationSource),
+        timesteps=build_typed(cfg.calib.timesteps, "calib.timesteps", TimestepDistribution),
+        source=build_typed(cfg.calib.source, "calib.source", CalibrationSource),
         num_samples=cfg.calib.num_samples, batch_size=cfg.calib.batch_size, seed=cfg.calib.seed)
     if calibration.source.needs_images and cfg.data.name == "none":
         raise ValueError(f"calib={cfg.calib.name} draws real images, but data=none: choose a data set (data=cifar10)")
-    search = RangeSearch(metric=_instantiate(cfg.metric.fn, "metric.fn", RangeMetric),
+    search = RangeSearch(metric=build_typed(cfg.metric.fn, "metric.fn", RangeMetric),
                          num_candidates=cfg.metric.num_candidates, weights=cfg.metric.weights,
                          max_values=cfg.metric.max_values, independent_ends=cfg.metric.independent_ends)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", T) if cfg.calib.sampler else sampler

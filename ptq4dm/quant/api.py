@@ -24,6 +24,12 @@ def quantizable_layers(model: nn.Module, config: QuantConfig) -> list[str]:
             if kinds and isinstance(m, kinds) and not any(fnmatch.fnmatch(name, p) for p in config.exclude)]
 
 
+def unmatched_patterns(model: nn.Module, patterns) -> list[str]:
+    """The ``exclude`` patterns that name no module of ``model`` (a typo would quietly quantize everything)."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [p for p in patterns if not any(fnmatch.fnmatch(n, p) for n in names)]
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+
+from ptq4dm.utils.targets import build_typed
 
 
 def make_logger(cfg: DictConfig | None, **overrides):
-    """Instantiate the configured Lightning logger, or return ``False`` (Lightning's "no logger")."""
+    """The configured Lightning logger (``logger._target_`` must name a Logger subclass), or ``False``
+    (Lightning's "no logger")."""
     if cfg is None or OmegaConf.select(cfg, "_target_") is None:
         return False
-    return instantiate(cfg, **overrides)
+    return build_typed(cfg, "logger", Logger, **overrides)
 
 
 def finish_logger(logger, failed: bool = False) -> None:

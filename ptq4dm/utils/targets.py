@@ -1,0 +1,56 @@
+"""Config nodes that name a class with ``_target_``: resolved and type-checked before anything is called.
+
+Hydra's ``instantiate`` calls whatever a ``_target_`` names, nested ones first, so an override such as
+``metric.fn._target_=builtins.print`` would run before a job could check what it got. Here the named object
+is looked up (importing its module, as any plugin class needs), checked to be a subclass of the kind the key
+expects, and only then constructed, with plain-value arguments.
+"""
+
+from __future__ import annotations
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+
+def resolve_typed(node, key: str, kind: type) -> tuple[type, dict]:
+    """The class a ``{_target_: ..., args}`` node names, checked to be a subclass of ``kind`` before anything
+    is called, and its arguments, which must be plain values (no nested ``_target_``): so no override can
+    make a config call an arbitrary function (``metric.fn._target_=builtins.print`` is refused)."""
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    target = spec.pop("_target_", None)
+    allowed = f"a subclass of {kind.__module__}.{kind.__name__}"
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"{key}._target_={target!r}: allowed is the import path of {allowed}")
+    special = sorted(k for k in spec if k.startswith("_"))
+    if special:
+        raise ValueError(f"{key}: {special} are not allowed here; only {key}._target_ and its arguments")
+    nested = _nested_targets(spec, key)
+    if nested:
+        raise ValueError(f"{key}: nested _target_ at {nested}: arguments must be plain values")
+    try:
+        cls = get_object(target)  # imports the module that defines it; calls nothing
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"{key}._target_={target!r} cannot be imported ({err}): allowed is {allowed}") from err
+    if not (isinstance(cls, type) and issubclass(cls, kind)):
+        raise ValueError(f"{key}._target_={target!r} is not {allowed}, so it is not called")
+    return cls, spec
+
+
+def build_typed(node, key: str, kind: type, **overrides):
+    """``resolve_typed``, then the instance (constructor errors are reported under ``key``)."""
+    cls, spec = resolve_typed(node, key, kind)
+    try:
+        return cls(**{**spec, **overrides})
+    except (TypeError, ValueError) as err:  # the constructor's own message names the key
+        raise ValueError(f"{key}: {err}") from err
+
+
+def _nested_targets(value, key: str) -> list[str]:
+    if isinstance(value, dict):
+        return [f"{key}.{k}" for k in value if k == "_target_"] + \
+            [n for k, v in value.items() for n in _nested_targets(v, f"{key}.{k}")]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in _nested_targets(v, f"{key}[{i}]")]
+    return []
+
+
