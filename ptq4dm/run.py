@@ -1,8 +1,13 @@
 """One PTQ job per config: ``python -m ptq4dm.run`` (add ``-m`` and comma lists to sweep the axes).
 
 config -> recipe (validated before anything is loaded) -> model and samplers -> full-precision samples
-(cached across jobs) -> calibration and quantized samples (the LightningModule) -> scores against the data
-and against the full-precision images -> results.json, ranges.csv, sample grids, W&B, a printed table.
+(cached across jobs) -> calibration (saved at once) -> quantized samples -> scores against the data and against
+the full-precision images -> results.json (written last), ranges.csv, sample grids, W&B, a printed table.
+
+What a job folder promises (see ptq4dm/experiment/job.py): a finished job is skipped only when its config, the
+package's code, the libraries, the device and the inputs (model files, reference data) are what they were;
+otherwise the difference is logged, the earlier outputs are moved to ``superseded/`` and the job is computed
+again. An interrupted job resumes its saved calibration and only the image shards made with it.
 """
 
 from __future__ import annotations
@@ -14,24 +19,31 @@ import json
 import logging
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from ptq4dm.calibration import RangeChoice
 from ptq4dm.data import load_cifar10
+from ptq4dm.data.cifar10 import data_fingerprint
 from ptq4dm.diffusion import Sampler
-from ptq4dm.evaluation import SamplingModule, generate_images
-from ptq4dm.experiment.fp_cache import fp_cache_dir
+from ptq4dm.evaluation import SamplingModule, SeedDataModule, generate_images
+from ptq4dm.experiment.fp_cache import FPCacheEntry, extractor_key, fp_cache_entry, scores_key
+from ptq4dm.experiment.job import JobFolder
 from ptq4dm.experiment.module import PTQModule
-from ptq4dm.experiment.recipe import AXES, recipe_from_config
+from ptq4dm.experiment.provenance import deciding, device_name, provenance
+from ptq4dm.experiment.recipe import AXES, PTQRecipe, recipe_from_config
+from ptq4dm.experiment.summary import record_job
 from ptq4dm.metrics import make_extractor
-from ptq4dm.metrics.reference import load_statistics, save_statistics
+from ptq4dm.metrics.reference import load_statistics, reference_fingerprint, save_statistics, statistics_digest
 from ptq4dm.metrics.scoring import (
     image_statistics,
     inception_scores,
@@ -40,9 +52,11 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
-from ptq4dm.models.factory import load_model
+from ptq4dm.models.factory import load_model, model_identity
 from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.quant import save_quantized
+from ptq4dm.quant.api import unmatched_patterns
+from ptq4dm.quant.checkpoint import FILENAME as QUANT_CHECKPOINT
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import image_grid
 from ptq4dm.utils.io import atomic_write_json, atomic_write_text
@@ -64,36 +78,83 @@ def stage(name: str, seconds: dict[str, float]):
     log.info("stage %s: %.1f s", name, seconds[name])
 
 
-def sample_full_precision(cfg: DictConfig, model: DiffusionModel, sampler: Sampler,
-                          trainer_kwargs: dict) -> torch.Tensor | None:
-    """FP images from the shared cache, sampling only the batches no earlier job made (None off rank 0)."""
-    folder = fp_cache_dir(cfg)
-    module = SamplingModule(model.unet, sampler, seed=cfg.seed, precision=cfg.eval.precision,
+def is_rank_zero() -> bool:
+    """Rank 0 of a DDP job (or the only process) owns the job folder and the caches' locks."""
+    return rank_zero_only.rank == 0
+
+
+def job_record(cfg: DictConfig, recipe: PTQRecipe, device: torch.device) -> dict:
+    """What decides a job's numbers besides randomness: its config, the code, libraries and device, and the
+    identity of its inputs (model files, reference data, calibration images). Cheap: nothing is loaded."""
+    inputs = {"model": model_identity(cfg.model)}
+    if cfg.data.name != "none":
+        ref = cfg.metrics.reference
+        inputs["reference"] = reference_fingerprint(cfg.data.root, ref.split, cfg.data.format, ref.cache_dir)
+    if recipe.calibration.source.needs_images:
+        inputs["calibration_images"] = data_fingerprint(cfg.data.root, cfg.data.split, cfg.data.format)
+    return {"config_digest": config_digest(cfg), **deciding(device), "inputs": inputs}
+
+
+def prepare_job_folder(job: JobFolder, record: dict, force: bool) -> tuple[dict | None, dict | None]:
+    """(finished results to return as they are, or None; a saved calibration to resume, or None)."""
+    done = job.finished()
+    if done is not None:
+        differs = job.differences(done, record)
+        if not differs and not force:
+            log.info("already done with the same config, code and inputs: %s/results.json (force=true "
+                     "recomputes)", job.path)
+            return done, None
+        reason = "force=true" if force else "computed again because " + "; ".join(differs)
+        log.warning("%s holds a finished result; %s", job.path, reason)
+        job.set_aside(reason)
+        return None, None
+    saved = None if force else job.calibration(record, QUANT_CHECKPOINT)
+    if saved is None:
+        job.clear_unfinished()
+    else:
+        log.info("resuming %s with its saved calibration (%s)", job.path, QUANT_CHECKPOINT)
+        job.prune_samples(job.samples_dir(saved))
+    return None, saved
+
+
+def batches_to_sample(num_samples: int, batch_size: int, folder: Path) -> tuple[int, int]:
+    """(batches still to sample, all batches) for a shard folder."""
+    return len(SeedDataModule(num_samples, batch_size, folder).todo()), -(-num_samples // batch_size)
+
+
+def sample_full_precision(cfg: DictConfig, model: DiffusionModel, sampler: Sampler, trainer_kwargs: dict,
+                          entry: FPCacheEntry) -> torch.Tensor | None:
+    """FP images from the shared cache, sampling only the batches no earlier job made (None off rank 0).
+    One process at a time per cache entry: a second one with the same images waits, then reuses them."""
+    module = SamplingModule(model.unet, sampler, seed=cfg.seed, precision=str(cfg.eval.precision),
                             image_shape=model.image_shape, compile=cfg.eval.compile, decoder=model.decoder,
                             conditioner=model.conditioner)
-    t0 = time.perf_counter()
-    images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, folder / "shards", trainer_kwargs)
-    timing_file = folder / "timing.json"
-    if images is not None and not timing_file.exists():
-        atomic_write_json(timing_file, {"sampling_seconds": time.perf_counter() - t0})
+    with entry.lock() if is_rank_zero() else nullcontext():
+        todo, total = batches_to_sample(cfg.eval.num_samples, cfg.eval.batch_size, entry.shards)
+        t0 = time.perf_counter()
+        images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, entry.shards, trainer_kwargs)
+        if images is not None and todo == total and not entry.timing.exists():  # timed only if sampled whole
+            atomic_write_json(entry.timing, {"sampling_seconds": time.perf_counter() - t0})
     return images
 
 
-def score_full_precision(cfg: DictConfig, images: torch.Tensor, extractor, reference) -> tuple:
-    """FP statistics and scores, cached beside the FP images."""
-    folder = fp_cache_dir(cfg)
-    stats_file, scores_file = folder / "features.npz", folder / "scores.json"
-    if stats_file.exists():
-        stats = load_statistics(stats_file)
-    else:
-        stats = image_statistics(images, extractor, cfg.metrics.batch_size, "full precision")
-        save_statistics(stats, stats_file)
-    if scores_file.exists():
-        scores = json.loads(scores_file.read_text())
-    else:
-        scores = {**score(stats, reference, cfg), **inception_scores(images, cfg, extractor_device(extractor))}
-        atomic_write_json(scores_file, scores)
-    scores["sampling_seconds"] = json.loads((folder / "timing.json").read_text())["sampling_seconds"]
+def score_full_precision(cfg: DictConfig, entry: FPCacheEntry, images: torch.Tensor, extractor,
+                         reference, reference_digest: str | None) -> tuple:
+    """FP statistics (keyed by the extractor) and scores (keyed by the reference statistics themselves)."""
+    features_key = extractor_key(extractor, cfg.metrics)
+    with entry.lock():
+        stats_file = entry.features(features_key)
+        if not stats_file.exists():
+            save_statistics(image_statistics(images, extractor, cfg.metrics.batch_size, "full precision"), stats_file)
+        stats = load_statistics(stats_file)  # as stored, also the first time: every job scores against the same
+        scores_file = entry.scores(scores_key(features_key, reference_digest, cfg.metrics))
+        if scores_file.exists():
+            scores = json.loads(scores_file.read_text())
+        else:
+            scores = {**score(stats, reference, cfg), **inception_scores(images, cfg, extractor_device(extractor))}
+            atomic_write_json(scores_file, scores)
+    timing = json.loads(entry.timing.read_text()) if entry.timing.exists() else {"sampling_seconds": None}
+    scores["sampling_seconds"] = timing["sampling_seconds"]  # None: sampled across interrupted runs
     return stats, scores
 
 
@@ -101,9 +162,40 @@ def extractor_device(extractor) -> torch.device:
     return next(extractor.parameters()).device
 
 
-def ranges_csv(module: PTQModule) -> str:
+def calibrate_or_restore(module: PTQModule, job: JobFolder, record: dict, saved: dict | None,
+                         source: dict) -> dict:
+    """This job's calibration, computed and saved at once (rank 0), or restored from its saved checkpoint.
+
+    Under DDP rank 0 calibrates and saves, then every other rank takes that very file, so all ranks sample
+    with one state, and the shard folder is keyed by its digest."""
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if is_rank_zero():
+        if saved is None:
+            module.calibrate()
+            save_quantized(module.unet, job.path, extra=module.output_quantizer, decoder=module.quantized_decoder,
+                           source=source)
+            atomic_write_text(job.path / "ranges.csv", ranges_csv(module.ranges))
+            saved = job.save_calibration(record, QUANT_CHECKPOINT, {
+                "ranges": [asdict(r) for r in module.ranges], "timings": module.timings,
+                "calibration_timesteps": module.calibration_set.t.tolist(), "restored": False})
+        else:
+            module.restore(job.path, [RangeChoice(**r) for r in saved["ranges"]], saved["timings"])
+            saved = {**saved, "restored": True}
+        if group:
+            dist.barrier()
+        return saved
+    if group:
+        dist.barrier()
+    saved = job.calibration(record, QUANT_CHECKPOINT)
+    if saved is None:
+        raise RuntimeError(f"rank {rank_zero_only.rank} found no calibration of rank 0 in {job.path}")
+    module.restore(job.path, [RangeChoice(**r) for r in saved["ranges"]], saved["timings"])
+    return saved
+
+
+def ranges_csv(ranges: list[RangeChoice]) -> str:
     buf = io.StringIO()
-    rows = [asdict(r) for r in module.ranges or []]
+    rows = [asdict(r) for r in ranges or []]
     if rows:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -111,18 +203,19 @@ def ranges_csv(module: PTQModule) -> str:
     return buf.getvalue()
 
 
-def log_job(logger, cfg: DictConfig, results: dict, module: PTQModule, grids: dict) -> None:
+def log_job(logger, cfg: DictConfig, results: dict, ranges: list[RangeChoice], grids: dict) -> None:
     if not logger:
         return
     logger.log_hyperparams({**results["axes"], "bits_weight": cfg.bits.weight, "bits_act": cfg.bits.act,
                             "calib_samples": cfg.calib.num_samples, "eval_samples": cfg.eval.num_samples,
-                            "config": OmegaConf.to_container(cfg, resolve=True)})
+                            "config": OmegaConf.to_container(cfg, resolve=True),
+                            "provenance": results["provenance"]})
     flat = {f"{group}/{k}": v for group in ("fp", "quantized") for k, v in results[group].items()
             if isinstance(v, (int, float)) and v is not None}
-    flat.update({f"time/{k}": v for k, v in results["timings"].items()})
+    flat.update({f"time/{k}": v for k, v in results["timings"].items() if isinstance(v, (int, float))})
     logger.log_metrics(flat)
     if type(logger).__name__ == "WandbLogger":
-        rows = [asdict(r) for r in module.ranges or []]
+        rows = [asdict(r) for r in ranges or []]
         if rows:
             logger.log_table("calibration/ranges", columns=list(rows[0]), data=[list(r.values()) for r in rows])
         logger.log_image("samples", images=list(grids.values()), caption=list(grids))
@@ -137,28 +230,27 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def finished_results(cfg: DictConfig) -> dict | None:
-    """The results of this very job from an earlier run (same resolved config), if it finished."""
-    path = Path(cfg.output_dir) / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return results if results.get("status") == "ok" and results.get("config_digest") == config_digest(cfg) else None
-
-
 def run(cfg: DictConfig) -> dict:
     recipe = recipe_from_config(cfg)  # validates every axis before anything heavy happens
-    if not cfg.force and (done := finished_results(cfg)):
-        log.info("already done with the same config: %s/results.json (force=true recomputes)", cfg.output_dir)
-        return done
-    out = Path(cfg.output_dir)
-    save_resolved_config(cfg, out)
-    torch.set_float32_matmul_precision("high")
     device = metrics_device(cfg.trainer)
+    record = job_record(cfg, recipe, device)
+    job, rank_zero = JobFolder(cfg.output_dir), is_rank_zero()
+    saved = None
+    if rank_zero:  # other DDP ranks only exist while rank 0 samples: it decided already
+        done, saved = prepare_job_folder(job, record, cfg.force)
+        if done is not None:
+            return done
+        save_resolved_config(cfg, job.path)
+    torch.set_float32_matmul_precision("high")
     stages: dict[str, float] = {}
     with stage("setup", stages):
         model = load_model(cfg.model)
+        unmatched = unmatched_patterns(model.unet, recipe.quant.exclude)
+        if unmatched:
+            names = [n for n, _ in model.unet.named_modules() if n][:8]
+            raise ValueError(f"ops.exclude={list(recipe.quant.exclude)}: {unmatched} match no module of "
+                             f"model={cfg.model.name}; allowed are fnmatch patterns of module names, such as "
+                             f"{names}")
         if model.decoder is not None and recipe.calibration.source.needs_images:
             raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does "
                              "not take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "
@@ -174,22 +266,29 @@ def run(cfg: DictConfig) -> dict:
             calib_images = load_cifar10(cfg.data.root, cfg.data.split, cfg.data.format, cfg.data.cache_dir).images
         extractor = make_extractor(device, cfg.metrics.inception_path)
         reference = reference_from_config(cfg, extractor)  # None with data=none: scores against FP images only
+        reference_digest = None if reference is None else statistics_digest(reference)
+        entry = fp_cache_entry(cfg, record["inputs"]["model"], deciding(device), device.type == "cuda")
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
 
-    # Every DDP rank takes part in both sampling runs; rank 0 alone scores and writes.
+    # Every DDP rank takes part in both sampling runs; rank 0 alone calibrates, scores and writes.
     with stage("fp_samples", stages):
-        fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs)
-    module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, cfg.eval.precision, calib_images,
-                       progress=bool(cfg.progress), image_shape=model.image_shape, compile=cfg.eval.compile,
-                       decoder=model.decoder, conditioner=model.conditioner)
-    with stage("calibrate_and_sample", stages):
-        q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples",
-                                   trainer_kwargs)
+        fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs, entry)
+    module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, str(cfg.eval.precision),
+                       calib_images, progress=bool(cfg.progress), image_shape=model.image_shape,
+                       compile=cfg.eval.compile, decoder=model.decoder, conditioner=model.conditioner)
+    with stage("calibration", stages):
+        module.to(device)
+        calibration = calibrate_or_restore(module, job, record, saved,
+                                           {"model": cfg.model.name, "model_identity": record["inputs"]["model"]})
+    shards = job.samples_dir(calibration)
+    with stage("quantized_samples", stages):
+        todo, total = batches_to_sample(cfg.eval.num_samples, cfg.eval.batch_size, shards)
+        q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, shards, trainer_kwargs)
     if q_images is None or fp_images is None:
         return {}  # a non-zero DDP rank
-    q_seconds = stages["calibrate_and_sample"] - module.timings.get("calibration_seconds", 0.0)
+    q_seconds = stages["quantized_samples"] if todo == total else None  # None: sampled across interrupted runs
     with stage("scoring", stages):
-        fp_stats, fp_scores = score_full_precision(cfg, fp_images, extractor, reference)
+        fp_stats, fp_scores = score_full_precision(cfg, entry, fp_images, extractor, reference, reference_digest)
         q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")
         q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
                     **score(q_stats, fp_stats, cfg, suffix="_vs_fp"), **pixel_errors(q_images, fp_images),
@@ -197,37 +296,39 @@ def run(cfg: DictConfig) -> dict:
 
     results = {
         "status": "ok",
-        "config_digest": config_digest(cfg),
+        "config_digest": record["config_digest"],
+        "record": record,  # what a re-run compares before it skips this job
+        "provenance": provenance(device),
         "axes": recipe.axes,
         "overrides": task_overrides(),
         "fp": fp_scores,
         "quantized": q_scores,
-        "timings": {**module.timings, "sampling_seconds_fp": fp_scores["sampling_seconds"],
+        "calibration_restored": calibration["restored"],  # true: resumed with the calibration saved earlier
+        "timings": {**calibration["timings"], "sampling_seconds_fp": fp_scores["sampling_seconds"],
                     "sampling_seconds_quantized": q_seconds,
                     **{f"stage_seconds_{k}": v for k, v in stages.items()}},
         "num_samples": cfg.eval.num_samples,
         "num_calibration_samples": cfg.calib.num_samples,
-        "calibration_timesteps": module.calibration_set.t.tolist() if module.ranges else None,
+        "calibration_timesteps": calibration["calibration_timesteps"],
         "reference": None if reference is None else f"{reference.name} ({reference.num_images} images)",
+        "reference_digest": reference_digest,
         "seed": cfg.seed,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device_name(device),
     }
-    if module.ranges is not None:  # reload with ptq4dm.quant.load_quantized to sample without recalibrating
-        save_quantized(module.unet, out, extra=module.output_quantizer, decoder=module.quantized_decoder)
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "ranges.csv", ranges_csv(module))
     n = cfg.eval.grid_size
     grids = {"full precision": image_grid(fp_images[:n]), "quantized": image_grid(q_images[:n])}
     for name, grid in grids.items():
-        grid.save(out / f"samples_{name.replace(' ', '_')}.png")
+        grid.save(job.path / f"samples_{name.replace(' ', '_')}.png")
+    job.write_results(results)  # last: from here on the job is finished
 
     rows = [{"model": "full precision", **fp_scores}, {"model": f"quantized ({recipe.axes['bits']})", **q_scores}]
     print(f"\n{' | '.join(f'{k}={v}' for k, v in recipe.axes.items())} | {cfg.eval.num_samples} samples, "
           f"{cfg.calib.num_samples} calibration samples, calibration "
-          f"{module.timings.get('calibration_seconds', float('nan')):.1f} s\n{markdown_table(rows, HEADLINE)}\n")
+          f"{calibration['timings'].get('calibration_seconds', float('nan')):.1f} s"
+          f"{' (restored)' if calibration['restored'] else ''}\n{markdown_table(rows, HEADLINE)}\n")
     logger = make_logger(cfg.logger, **wandb_names(cfg))
     try:
-        log_job(logger, cfg, results, module, grids)
+        log_job(logger, cfg, results, module.ranges, grids)
     finally:
         finish_logger(logger)
     return results
@@ -248,15 +349,15 @@ def wandb_names(cfg: DictConfig) -> dict:
             "group": f"sweep {hc.sweep.dir}" if multirun else None, "job_type": "ptq"}
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
-    """The failure goes where results would have gone: results.json and the job's W&B run."""
+def record_failure(cfg: DictConfig, err: BaseException) -> Path:
+    """The failure goes beside the job's results (never over a finished one) and to the job's W&B run."""
     failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-               "axes": _axes_or_empty(cfg)}
-    atomic_write_json(Path(cfg.output_dir) / "results.json", failure)
+               "axes": _axes_or_empty(cfg), "overrides": task_overrides(), "time": time.time()}
+    path = JobFolder(cfg.output_dir).record_failure(failure)
     try:
         logger = make_logger(cfg.logger, **wandb_names(cfg))
-    except Exception:  # noqa: BLE001 - the logger config itself may be what failed; results.json has it all
-        return
+    except Exception:  # noqa: BLE001 - the logger config itself may be what failed; the record has it all
+        return path
     try:
         if logger:
             logger.log_hyperparams({**failure["axes"], "status": "failed"})
@@ -265,6 +366,7 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
                                                   "traceback": failure["traceback"]})
     finally:
         finish_logger(logger, failed=True)
+    return path
 
 
 def _axes_or_empty(cfg: DictConfig) -> dict:
@@ -274,16 +376,25 @@ def _axes_or_empty(cfg: DictConfig) -> dict:
     return axes
 
 
+def _record_in_sweep(cfg: DictConfig, status: str, outcome: Path) -> None:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and is_rank_zero():
+        record_job(hc.sweep.dir, hc.job.num, cfg.output_dir, status, outcome.name, task_overrides())
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as err:
-        record_failure(cfg, err)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep
-            log.error("job failed: %s (details in %s/results.json)", err, cfg.output_dir)
+        outcome = record_failure(cfg, err) if is_rank_zero() else None
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep; its end says so
+            log.error("job failed: %s (details in %s)", err, outcome)
+            if outcome is not None:
+                _record_in_sweep(cfg, "failed", outcome)
             return
         raise
+    _record_in_sweep(cfg, "ok", Path(cfg.output_dir) / "results.json")
 
 
 if __name__ == "__main__":

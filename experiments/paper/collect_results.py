@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from ptq4dm.experiment.summary import write_summary
 
 KEEP = ("status", "from_sweep", "axes", "overrides", "num_samples", "num_calibration_samples", "fp", "quantized",
-        "timings", "calibration_timesteps", "reference", "seed", "device", "error")
+        "timings", "calibration_timesteps", "reference", "seed", "device", "error", "provenance")
 
 # Points of the paper sweeps that are jobs of table3_timesteps (equal config digests: tests/test_experiments.py):
 # sweep -> (the calib preset of the table3_timesteps job, the sweep's overrides for that point). The default GPU
@@ -44,7 +44,7 @@ def collect(sweep_dir: Path, out: Path, grids: int = 2, shared: bool = False) ->
             source = sweep_dir.parent / SHARED_SOURCE / f"bits={bits},calib={calib}"
             if (source / "results.json").exists():
                 file_shared_job(source, sweep_dir, overrides)
-    write_summary(sweep_dir)
+    write_summary(sweep_dir, every_folder=True)  # the queue fills one sweep folder in several invocations
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for path in sorted(sweep_dir.glob("*/results.json")):

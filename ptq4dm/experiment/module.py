@@ -23,7 +23,7 @@ from ptq4dm.calibration.search import search_range
 from ptq4dm.diffusion import Sampler, seeded_generators
 from ptq4dm.evaluation.sampling import SamplingModule
 from ptq4dm.experiment.recipe import PTQRecipe
-from ptq4dm.quant import quantize_, set_fused_kernels
+from ptq4dm.quant import quantize_, restore_quantized, set_fused_kernels
 from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 
 
@@ -53,8 +53,14 @@ class PTQModule(SamplingModule):
             self.output_quantizer = SamplerOutputQuantizer(recipe.quant.sampler_outputs, recipe.quant.act_spec())
 
     def on_predict_start(self) -> None:
-        if self.ranges is None:
+        if self.ranges is None:  # a job calibrates (or restores) before sampling; this serves other callers
             self.calibrate()
+
+    def restore(self, folder, ranges: list[RangeChoice], timings: dict[str, float]) -> None:
+        """Take this job's saved calibration (``quantization.safetensors`` in ``folder``) instead of calibrating:
+        a resumed job samples on with exactly the state its first images were made with."""
+        restore_quantized(self.unet, folder, extra=self.output_quantizer, decoder=self.quantized_decoder)
+        self.ranges, self.timings = ranges, dict(timings)
 
     @torch.no_grad()
     def calibrate(self) -> list[RangeChoice]:
