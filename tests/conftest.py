@@ -13,6 +13,9 @@ from PIL import Image
 from ptq4dm.data import CIFAR10_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
+# A subprocess running a job or a sweep: about 1 to 4 minutes on an idle 2-core machine; the limit allows a
+# machine ten or more times slower (a loaded CI host) before a test reports a hang.
+SUBPROCESS_TIMEOUT = 3600
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"  # present in development and CI, not on users' machines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

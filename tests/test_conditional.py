@@ -146,10 +146,15 @@ def test_guidance_scale_one_is_plain_conditional_sampling():
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm"])
 def test_guided_sampling_equals_a_hand_written_loop(name):
-    unet, sampler = tiny_text_unet(), Sampler(build_noise_scheduler(), name, steps=3, eta=0.0)
-    cond, uncond = prompts(2)
+    """One batched network call on [x; x] against two separate calls per step. In float32 the two orders of
+    summation differ by round-off that guidance amplifies (eps_u + w (eps_c - eps_u): up to 2w + 1 times the
+    network's own) and that grows over the steps: 1.6e-5 was seen against a 1e-5 tolerance. In float64 the same
+    arithmetic differs by about 1e-15, so 1e-9 separates round-off from a real difference with a wide margin on
+    any machine."""
+    unet, sampler = tiny_text_unet().double(), Sampler(build_noise_scheduler(), name, steps=3, eta=0.0)
+    cond, uncond = (p.double() for p in prompts(2))
     w = 5.0
-    noise = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     denoise = as_denoiser(unet)
     gens = lambda: seeded_generators(0, [0, 1])  # noqa: E731  (DDPM draws noise at each step)
     with torch.no_grad():
@@ -162,8 +167,9 @@ def test_guided_sampling_equals_a_hand_written_loop(name):
             eps_u, eps_c = denoise(x_in, t, uncond.expand(2, L, D)), denoise(x_in, t, cond)
             x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x, **kwargs).prev_sample
             if i == 0:
-                torch.testing.assert_close(one_step, x, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got, x.clamp(-1, 1), rtol=1e-4, atol=1e-5)  # batched vs separate: round-off only
+                torch.testing.assert_close(one_step, x, rtol=0, atol=1e-9)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, x.clamp(-1, 1), rtol=0, atol=1e-9)  # batched vs separate: round-off only
 
 
 # --- calibration sets record the conditioning ---------------------------------------------------------------

@@ -9,7 +9,8 @@ import sys
 import torch
 
 from ptq4dm.evaluation import load_shards
-from tests.conftest import REPO
+from ptq4dm.experiment.job import JobFolder
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT
 
 
 def _free_port() -> int:
@@ -23,9 +24,10 @@ def _launch(module, overrides, run_dir, devices, cache, num_samples):
            f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", f"hydra.run.dir={run_dir}"]
     # One thread per process in both runs: CPU convolutions sum in a thread-count dependent order.
     env = {**os.environ, "PTQ4DM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((run_dir / "results.json").read_text()), load_shards(run_dir / "samples", num_samples)
+    shards = JobFolder(run_dir).quantized_samples_dir() if module == "ptq4dm.run" else run_dir / "samples"
+    return json.loads((run_dir / "results.json").read_text()), load_shards(shards, num_samples)
 
 
 EVALUATE = ["eval.num_samples=12", "eval.batch_size=3", "sampler=ddpm", "sampler.steps=4",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptq4dm.models import DiffusionModel, build_noise_scheduler, build_unet, save_diffusion_model
-from tests.conftest import REPO
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def random_model_dir(tmp_path_factory):
 
 def _evaluate(*overrides, check=True):
     cmd = [sys.executable, "-m", "ptq4dm.evaluate", "trainer.enable_progress_bar=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=check)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=check)
 
 
 def test_evaluate_cli_end_to_end(random_model_dir, image_folder_root, tmp_path):

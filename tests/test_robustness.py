@@ -1,5 +1,6 @@
 """Failures that must not cost a night of sweeps: half-written files, hostile checkpoints, cluster launchers."""
 
+import csv
 import json
 import os
 import pickle
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from ptq4dm.utils.checkpoints import UnsafeCheckpointError, load_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT
 from tests.test_run import SMALL
 
 WRITER = """
@@ -70,7 +71,7 @@ def test_submitit_local_sweep(tmp_path):
     cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
            "calib=gaussian_ts,uniform_ts", *SMALL, "logger=none", f"hydra.sweep.dir={sweep}",
            f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
     assert [r["status"] for r in results] == ["ok", "ok"]
@@ -78,19 +79,30 @@ def test_submitit_local_sweep(tmp_path):
     assert (sweep / "summary.md").exists()
 
 
-def test_a_failing_job_does_not_end_the_sweep(tmp_path):
-    """Three jobs, one of which needs real images that are not there: two finish, one is reported failed."""
+def test_a_sweep_with_a_failed_job_exits_nonzero_and_summarises_only_its_own_jobs(tmp_path):
+    """Three jobs, one of which needs real images that are not there: two finish, one is reported failed (with
+    its overrides), the summary is written and the sweep exits 1. A job folder an earlier sweep left in the same
+    place is not mixed into the summary (issue "Results you can trust", item 6)."""
     sweep = tmp_path / "sweep"
+    leftover = sweep / "7"
+    leftover.mkdir(parents=True)
+    (leftover / "results.json").write_text(json.dumps({"status": "ok", "axes": {"calib": "raw"}, "fp": {},
+                                                       "quantized": {"fid": 1.0}}))
     cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,forward_ts,uniform_ts", *SMALL,
            f"data.root={tmp_path / 'no_data'}", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 job(s) of this sweep failed: ['1']" in proc.stderr
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)]
     assert [r["status"] for r in results] == ["ok", "failed", "ok"]
     assert "DataNotFoundError" in results[1]["error"] and "Traceback" in results[1]["traceback"]
-    summary = (sweep / "summary.md").read_text()
-    assert "failed" in summary and "forward_ts" in summary
+    assert "calib=forward_ts" in results[1]["overrides"]
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["calib"], r["status"]) for r in rows] == [
+        ("0", "gaussian_ts", "ok"), ("1", "forward_ts", "failed"), ("2", "uniform_ts", "ok")]
+    assert "1 job folder(s) from earlier sweeps" in (sweep / "summary.md").read_text()
     assert len(list((sweep / "1").glob("wandb/offline-run-*/run-*.wandb"))) == 1  # the failure has its W&B run
 
 

@@ -1,0 +1,425 @@
+"""Results you can trust, inputs that cannot hurt: one test per defect of the issue that asked for them.
+
+1  force=true and resumed jobs never score old or mixed quantized images
+2  the full-precision cache key covers every input (weight files of any format, prompts, reference statistics)
+3  results.json records provenance; a code change recomputes a finished job and says why
+4  two processes wanting the same FP images: the second waits and reuses them
+5  a failed re-run never overwrites a finished result
+6  (tests/test_robustness.py) a sweep with a failed job exits non-zero and summarises only its own jobs
+7  a data set cannot run code
+8  bad values are refused before any model is loaded, naming key, value and what is allowed
+9  unreadable checkpoints are reported with the key and the file
+10 ``_target_`` overrides are type-checked before anything is called
+11 (tests/test_conditional.py) tolerances from the arithmetic; subprocess timeouts from conftest.SUBPROCESS_TIMEOUT
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from safetensors.torch import save_file
+
+import ptq4dm.run as run_module
+from ptq4dm.evaluation import load_shards
+from ptq4dm.utils.config import CONF_DIR
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.custom_net import make_net
+from tests.test_run import SMALL
+
+
+def compose_run(*overrides: str, config: str = "run"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config, overrides=[*SMALL, "logger=none", *overrides] if config == "run" else list(overrides))
+
+
+def job_files(folder: Path) -> dict[str, bytes]:
+    """Every file a job wrote, by relative path (Hydra's .hydra/ and logs excluded)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+
+
+# -- 1 ---------------------------------------------------------------------------------------------------------
+
+def test_force_true_recalibrates_instead_of_scoring_the_old_images(tmp_path):
+    job, fp = tmp_path / "job", f"fp_cache_dir={tmp_path / 'fp'}"
+    first = run_module.run(compose_run(f"output_dir={job}", fp))
+    second = run_module.run(compose_run(f"output_dir={job}", fp, "force=true"))
+    assert second["calibration_restored"] is False and second["timings"]["calibration_seconds"] > 0
+    assert second["timings"]["sampling_seconds_quantized"] > 0  # the images were sampled again
+    assert (job / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
+    assert (job / "quantization.safetensors").is_file()
+    [aside] = (job / "superseded").iterdir()  # the earlier result is kept, never silently replaced
+    assert json.loads((aside / "results.json").read_text()) == first
+    assert (aside / "REASON.txt").read_text().strip() == "force=true"
+
+
+def test_a_resumed_job_samples_on_with_its_own_saved_calibration_only(tmp_path):
+    fp, sizes = f"fp_cache_dir={tmp_path / 'fp'}", ["eval.num_samples=8", "eval.batch_size=4"]
+    whole = run_module.run(compose_run(f"output_dir={tmp_path / 'whole'}", fp, *sizes))
+
+    job = tmp_path / "job"
+    run_module.run(compose_run(f"output_dir={job}", fp, *sizes))
+    (job / "results.json").unlink()  # as if killed after its first shard
+    first, second = sorted((job / "samples").rglob("shard-*.pt"))
+    second.unlink()
+    kept = first.read_bytes(), first.stat().st_mtime_ns
+    stale = job / "samples" / "0123456789abcdef"  # shards of another calibration
+    stale.mkdir()
+    shutil.copy(first, stale / "shard-00000004.pt")
+
+    resumed = run_module.run(compose_run(f"output_dir={job}", fp, *sizes))
+    assert resumed["calibration_restored"] is True
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == kept and not stale.exists()
+    assert resumed["timings"]["sampling_seconds_quantized"] is None  # sampled across two runs: not timed
+    assert torch.equal(load_shards(first.parent, 8), load_shards(next((tmp_path / "whole" / "samples").iterdir()), 8))
+    for key in ("fid", "sfid", "fid_vs_fp", "psnr_vs_fp"):
+        assert resumed["quantized"][key] == whole["quantized"][key]
+
+    # An unfinished job of another config in the same folder is not resumed: it starts over.
+    (job / "results.json").unlink()
+    other = run_module.run(compose_run(f"output_dir={job}", fp, *sizes, "metric=l1"))
+    assert other["calibration_restored"] is False and other["axes"]["metric"] == "l1"
+    assert len(list((job / "samples").iterdir())) == 1  # the earlier attempt's shards are gone
+
+
+# -- 2 ---------------------------------------------------------------------------------------------------------
+
+def test_the_fp_cache_key_covers_bin_weights_prompts_files_and_the_reference(tmp_path):
+    from ptq4dm.experiment.fp_cache import scores_key
+    from ptq4dm.models.factory import model_identity
+    from ptq4dm.models.unet import EMBEDDED_MODELS_DIR
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(EMBEDDED_MODELS_DIR / "tiny_cifar10", folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    weights.unlink()
+    torch.save(state, folder / "unet" / "diffusion_pytorch_model.bin")  # a pipeline stored as .bin
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    cfg = compose_run("model=pipeline", f"model.pretrained={folder}", f"model.conditioning.prompts_file={prompts}",
+                      "output_dir=x")
+    before = model_identity(cfg.model)
+    name = next(iter(state))
+    torch.save({**state, name: state[name] + 1}, folder / "unet" / "diffusion_pytorch_model.bin")
+    after_weights = model_identity(cfg.model)
+    prompts.write_text("a dog\n")  # same path, other prompts
+    after_prompts = model_identity(cfg.model)
+    assert len({before, after_weights, after_prompts}) == 3
+
+    metrics = cfg.metrics
+    assert scores_key("inception", "reference A", metrics) != scores_key("inception", "reference B", metrics)
+
+
+def test_reference_statistics_follow_the_data_not_its_folder_name(tmp_path, small_extractor):
+    """Statistics computed from data are cached under the data's own key: other images in the same place (or in
+    another place with the same layout) are other statistics."""
+    from PIL import Image
+
+    from ptq4dm.metrics.reference import reference_fingerprint, reference_statistics, statistics_digest
+    from tests.conftest import synthetic_images
+
+    def write(seed):
+        for i, im in enumerate(synthetic_images(20, seed=seed)):
+            (root / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(root / "train" / f"c{i % 2}" / f"{i:03d}.png")
+
+    root = tmp_path / "data"
+    write(seed=1)
+    cache = tmp_path / "stats"
+    kw = dict(extractor=small_extractor, cache_dir=cache, progress=False, batch_size=20)
+    first, fingerprint = reference_statistics(root, **kw), reference_fingerprint(root, cache_dir=cache)
+    time.sleep(0.01)  # a later modification time, as a new copy of the data has
+    write(seed=2)
+    second = reference_statistics(root, **kw)
+    assert statistics_digest(first) != statistics_digest(second)
+    assert reference_fingerprint(root, cache_dir=cache) != fingerprint
+    assert statistics_digest(reference_statistics(root, **kw)) == statistics_digest(second)  # now cached
+
+
+# -- 3 ---------------------------------------------------------------------------------------------------------
+
+def test_results_record_provenance_and_a_code_change_recomputes_saying_why(tmp_path, monkeypatch, caplog):
+    from ptq4dm.experiment import provenance
+
+    job, fp = tmp_path / "job", f"fp_cache_dir={tmp_path / 'fp'}"
+    first = run_module.run(compose_run(f"output_dir={job}", fp))
+    prov = first["provenance"]
+    assert prov["ptq4dm"] and prov["device"] == "cpu" and prov["code_digest"] == provenance.code_digest()
+    assert set(prov["libraries"]) >= {"torch", "diffusers", "torch-fidelity", "pytorch-lightning"}
+    assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+    assert prov["git_dirty"] in (None, True, False)
+    assert run_module.run(compose_run(f"output_dir={job}", fp)) == first  # unchanged: skipped
+
+    monkeypatch.setattr(provenance, "code_digest", lambda: "f" * 64)  # as after editing the package
+    with caplog.at_level(logging.WARNING):
+        second = run_module.run(compose_run(f"output_dir={job}", fp))
+    assert "computed again because code_digest:" in caplog.text
+    assert second["record"]["code_digest"] == "f" * 64 and second["calibration_restored"] is False
+    [aside] = (job / "superseded").iterdir()
+    assert "code_digest" in (aside / "REASON.txt").read_text()
+    assert json.loads((aside / "results.json").read_text()) == first
+
+
+# -- 4 ---------------------------------------------------------------------------------------------------------
+
+def test_a_second_process_waits_for_the_fp_images_and_reuses_them(tmp_path):
+    from filelock import FileLock
+
+    from ptq4dm.diffusion import Sampler
+    from ptq4dm.evaluation import SamplingModule, generate_images
+    from ptq4dm.experiment.fp_cache import fp_cache_entry
+    from ptq4dm.experiment.provenance import deciding
+    from ptq4dm.experiment.recipe import recipe_from_config
+    from ptq4dm.models.factory import load_model
+
+    overrides = [f"fp_cache_dir={tmp_path / 'fp'}", "eval.num_samples=8", "eval.batch_size=4"]
+    cfg = compose_run(f"output_dir={tmp_path / 'job'}", *overrides)
+    record = run_module.job_record(cfg, recipe_from_config(cfg), torch.device("cpu"))
+    entry = fp_cache_entry(cfg, record["inputs"]["model"], deciding("cpu"), gpu=False)
+    entry.folder.parent.mkdir(parents=True)
+    lock = FileLock(str(entry.folder) + ".lock")
+    lock.acquire()  # this test is "the first process"
+    try:
+        cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "logger=none", *overrides,
+               f"hydra.run.dir={tmp_path / 'job'}"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "another process is computing" in line:
+                break
+        else:
+            pytest.fail("the second process did not wait: " + "".join(seen)[-3000:])
+        model = load_model(cfg.model)  # meanwhile, the first process makes the images
+        module = SamplingModule(model.unet, Sampler(model.scheduler, **cfg.sampler), seed=cfg.seed)
+        generate_images(module, 8, 4, entry.shards, {"enable_progress_bar": False, "accelerator": "cpu"})
+        made = {p.name: p.stat().st_mtime_ns for p in entry.shards.iterdir()}
+    finally:
+        lock.release()
+    rest = proc.communicate(timeout=SUBPROCESS_TIMEOUT)[0]
+    assert proc.returncode == 0, ("".join(seen) + rest)[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in entry.shards.iterdir()} == made  # reused, not sampled again
+    assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "ok"
+
+
+# -- 5 ---------------------------------------------------------------------------------------------------------
+
+def test_a_failed_rerun_keeps_the_finished_result_and_records_the_failure_beside_it(tmp_path):
+    job = tmp_path / "job"
+    run_module.run(compose_run(f"output_dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"))
+    before = job_files(job)
+    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "logger=none", f"fp_cache_dir={tmp_path / 'fp'}",
+           f"hydra.run.dir={job}", "bits.weight=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode != 0 and "bits.weight=1" in proc.stderr
+    after = job_files(job)
+    failure = json.loads(after.pop("failure.json"))
+    assert after == before  # results.json, quantization.safetensors, ranges.csv, grids: byte for byte
+    assert failure["status"] == "failed" and "bits.weight=1" in failure["error"]
+    assert "bits.weight=1" in failure["overrides"]
+
+
+# -- 7 ---------------------------------------------------------------------------------------------------------
+
+class _WritesMarker:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_cifar10_batch_cannot_run_code(tmp_path):
+    from ptq4dm.data import DataNotFoundError, load_cifar10
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": _WritesMarker(marker), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(DataNotFoundError, match="refused"):
+        load_cifar10(tmp_path / "data", "test", "python", cache_dir=tmp_path / "cache")
+    assert not marker.exists()
+
+
+def test_genuine_cifar10_batches_of_every_pickle_protocol_still_load(tmp_path):
+    import numpy as np
+
+    from ptq4dm.data.cifar10 import read_batch
+
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # the original files are protocol 2 (Python 2)
+        path = tmp_path / f"batch{protocol}"
+        path.write_bytes(pickle.dumps({b"batch_label": b"x", b"data": data, b"labels": [3, 4],
+                                       b"filenames": [b"a.png", b"b.png"]}, protocol=protocol))
+        batch = read_batch(path)
+        assert np.array_equal(batch[b"data"], data) and batch[b"labels"] == [3, 4]
+
+
+# -- 8 ---------------------------------------------------------------------------------------------------------
+
+NOT_LOADED = {  # override -> what the message must say (key, value, what is allowed)
+    "eval.num_samples=0": r"eval\.num_samples=0: allowed is a whole number of 1 or more",
+    "eval.batch_size=0": r"eval\.batch_size=0: allowed",
+    "trainer.accelerator=tpu9": r"trainer: .*tpu9.*accelerators here",
+    "sampler.eta=-1": r"sampler\.eta=-1(\.0)?: allowed is a number from 0",
+    "bits.weight=1": r"bits\.weight=1: allowed are whole numbers from 2 to 16",
+    "calib.timesteps.std=0": r"calib\.timesteps\.std=0",
+    "calib.num_samples=0": r"calib\.num_samples=0",
+    "sampler.steps=5000": r"sampler\.steps=5000",
+    "calib.timesteps.mean=1.5": r"calib\.timesteps\.mean=1\.5",
+    "metric.num_candidates=0": r"metric\.num_candidates=0",
+    "ops=table1_variance": r"sampler\.eta",
+}
+AT_COMPOSITION = {  # refused by the structured config (schema.py) when Hydra composes, naming the key
+    "seed=x": "seed", "eval.precision=fp8": "eval.precision", "ops.conv=maybe": "ops.conv",
+    "calib.num_samples=lots": "calib.num_samples", "metric.independent_ends=sometimes": "metric.independent_ends",
+    "ops.decoder=vae": "ops.decoder", "bits.weight=4.5": "bits.weight", "metric.num_candidates=many":
+    "metric.num_candidates",
+}  # OmegaConf's booleans also read yes/no, on/off and 1/0 (any whole number): ops.conv=yes is true
+
+
+def test_bad_values_are_refused_before_any_model_is_loaded(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    for override, message in NOT_LOADED.items():
+        cfg = compose_run(override, f"output_dir={tmp_path / 'job'}")
+        with pytest.raises(ValueError, match=message):
+            run_module.run(cfg)
+    for override, key in AT_COMPOSITION.items():
+        with pytest.raises(ConfigCompositionException) as err:
+            compose_run(override, "output_dir=x")
+        assert f"full_key: {key}" in str(err.value.__cause__), override
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_run("eval.precision=fp8", "output_dir=x")
+    assert "expected one of [fp32, bf16, fp16]" in str(err.value.__cause__)
+
+    custom = ["model=custom", "model.factory._target_=tests.custom_net.make_net"]
+    with pytest.raises(ValueError, match=r"model\.image_shape=\[3, 0, 32\]: allowed is \[C, H, W\]"):
+        run_module.run(compose_run(*custom, "model.image_shape=[3,0,32]", f"output_dir={tmp_path / 'job'}"))
+
+
+def test_exclude_patterns_that_match_nothing_are_refused_before_sampling(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_module, "generate_images", lambda *a, **k: pytest.fail("sampling started"))
+    cfg = compose_run("ops.exclude=[time_embeding.*]", f"output_dir={tmp_path / 'job'}")
+    with pytest.raises(ValueError, match=r"ops\.exclude=\['time_embeding\.\*'\]: \['time_embeding\.\*'\] match no "
+                                         r"module of model=tiny_cifar10; allowed are fnmatch patterns .*conv_in"):
+        run_module.run(cfg)
+
+
+def test_evaluate_refuses_bad_values_and_another_models_checkpoint_before_loading(monkeypatch, tmp_path):
+    import ptq4dm.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    evaluate_cfg = ["output_dir=x", "eval.num_samples=4"]
+    with pytest.raises(ValueError, match=r"sampler\.steps=0: allowed is a whole number from 1 to 1000"):
+        evaluate_module.evaluate(compose_run(*evaluate_cfg, "sampler.steps=0", config="evaluate"))
+
+    job = tmp_path / "job"
+    run_module.run(compose_run(f"output_dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"))  # on tiny_cifar10
+    with pytest.raises(ValueError, match=r"was calibrated on model='tiny_cifar10' .*not.*small_cifar10|"
+                                         r"calibrated on model='tiny_cifar10'.*model=small_cifar10"):
+        evaluate_module.evaluate(compose_run(*evaluate_cfg, "model=small_cifar10", f"quantized={job}",
+                                             config="evaluate"))
+
+
+# -- 9 ---------------------------------------------------------------------------------------------------------
+
+def _custom(checkpoint: Path, factory: str = "tests.custom_net.make_net"):
+    from ptq4dm.models.factory import load_model
+
+    return load_model(compose_run("model=custom", f"model.factory._target_={factory}",
+                                  f"model.checkpoint={checkpoint}", "output_dir=x").model)
+
+
+def test_unreadable_checkpoints_name_the_key_the_file_and_what_was_expected(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(256))
+    good = tmp_path / "good.safetensors"
+    save_file(make_net().state_dict(), str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(make_net(channels=8).state_dict(), str(wrong))
+    for path, what in ((text, "neither a torch.save file"), (garbage, "not a readable safetensors file"),
+                       (truncated, "not a readable safetensors file"), (wrong, "does not fit the network")):
+        with pytest.raises(ValueError) as err:
+            _custom(path)
+        message = str(err.value)
+        assert "model.checkpoint" in message and str(path) in message and what in message, message
+    assert "inp.weight (8, 3, 3, 3) (the network's: (16, 3, 3, 3))" in str(pytest.raises(ValueError, _custom, wrong).value)
+    with pytest.raises(TypeError, match=r"model\.factory\._target_='tests\.test_trust\.not_a_network' returned a "
+                                        r"dict: expected a torch\.nn\.Module"):
+        _custom(good, "tests.test_trust.not_a_network")
+
+
+def not_a_network():
+    return {"weights": 1}
+
+
+# -- 10 --------------------------------------------------------------------------------------------------------
+
+CALLED = []
+
+
+def side_effect(*args, **kwargs):
+    """A callable a config must not be able to reach: it records that it ran."""
+    CALLED.append((args, kwargs))
+    return object()
+
+
+def test_targets_are_type_checked_before_anything_is_called(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    me = "tests.test_trust.side_effect"
+    cases = {f"metric.fn._target_={me}": r"metric\.fn\._target_=.*is not a subclass of .*RangeMetric",
+             f"calib.timesteps._target_={me}": r"calib\.timesteps\._target_=.*TimestepDistribution",
+             f"calib.source._target_={me}": r"calib\.source\._target_=.*CalibrationSource",
+             "metric.fn._target_=builtins.print": r"metric\.fn\._target_='builtins\.print' is not a subclass",
+             f"+metric.fn.p2={{_target_:{me}}}": r"metric\.fn: nested _target_ at \['metric\.fn\.p2\._target_'\]",
+             f"logger._target_={me}": r"logger\._target_=.*is not a subclass of .*Logger",
+             "+metric.fn._args_=[1]": r"metric\.fn: \['_args_'\] are not allowed"}
+    for override, message in cases.items():
+        cfg = compose_run(override, f"output_dir={tmp_path / 'job'}")
+        if override.startswith("logger"):
+            from ptq4dm.utils.loggers import make_logger
+
+            with pytest.raises(ValueError, match=message):
+                make_logger(cfg.logger)
+            continue
+        with pytest.raises(ValueError, match=message):
+            run_module.run(cfg)
+    assert CALLED == []
+
+
+def test_a_job_folder_only_ever_moves_or_deletes_what_a_job_writes(tmp_path):
+    """hydra.run.dir may point at a folder in use: setting earlier results aside or clearing an unfinished
+    attempt touches the job's own outputs only."""
+    from ptq4dm.experiment.job import JobFolder
+
+    job = JobFolder(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ranges.csv").write_text("quantizer\n")
+    (tmp_path / "results.json").write_text(json.dumps({"status": "ok"}))
+    aside = job.set_aside("test")
+    assert sorted(p.name for p in aside.iterdir()) == ["REASON.txt", "ranges.csv", "results.json"]
+    (tmp_path / "samples").mkdir()
+    job.clear_unfinished()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt", "superseded"]
