@@ -158,6 +158,25 @@ def score_full_precision(cfg: DictConfig, entry: FPCacheEntry, images: torch.Ten
     return stats, scores
 
 
+def grouped(rows: list[dict], shown: int = 3) -> list[dict]:
+    """Rows of the same kind and reason as one: how many, and the first few names."""
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["reason"]), []).append(r["name"])
+    return [{"kind": kind, "count": len(names), "reason": reason,
+             "names": ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")}
+            for (kind, reason), names in groups.items()]
+
+
+def reconstruction_summary(rows: list[dict]) -> dict:
+    """Totals of the per-unit table (reconstruction.csv): units, seconds, summed output errors before and after."""
+    if not rows:
+        return {}
+    return {"units": len(rows), "seconds": sum(r["seconds"] for r in rows),
+            "loss_before": sum(r["loss_before"] for r in rows), "loss_after": sum(r["loss_after"] for r in rows),
+            "units_improved": sum(r["loss_after"] < r["loss_before"] for r in rows)}
+
+
 def extractor_device(extractor) -> torch.device:
     return next(extractor.parameters()).device
 
@@ -175,8 +194,12 @@ def calibrate_or_restore(module: PTQModule, job: JobFolder, record: dict, saved:
             save_quantized(module.unet, job.path, extra=module.output_quantizer, decoder=module.quantized_decoder,
                            source=source)
             atomic_write_text(job.path / "ranges.csv", ranges_csv(module.ranges))
+            if module.reconstruction:
+                atomic_write_text(job.path / "reconstruction.csv", table_csv([asdict(r) for r in module.reconstruction]))
             saved = job.save_calibration(record, QUANT_CHECKPOINT, {
                 "ranges": [asdict(r) for r in module.ranges], "timings": module.timings,
+                "reconstruction": [asdict(r) for r in module.reconstruction],
+                "full_precision": [asdict(f) for f in module.full_precision],
                 "calibration_timesteps": module.calibration_set.t.tolist(), "restored": False})
         else:
             module.restore(job.path, [RangeChoice(**r) for r in saved["ranges"]], saved["timings"])
@@ -194,8 +217,11 @@ def calibrate_or_restore(module: PTQModule, job: JobFolder, record: dict, saved:
 
 
 def ranges_csv(ranges: list[RangeChoice]) -> str:
+    return table_csv([asdict(r) for r in ranges or []])
+
+
+def table_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    rows = [asdict(r) for r in ranges or []]
     if rows:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -203,7 +229,8 @@ def ranges_csv(ranges: list[RangeChoice]) -> str:
     return buf.getvalue()
 
 
-def log_job(logger, cfg: DictConfig, results: dict, ranges: list[RangeChoice], grids: dict) -> None:
+def log_job(logger, cfg: DictConfig, results: dict, ranges: list[RangeChoice], grids: dict,
+            reconstruction: list[dict]) -> None:
     if not logger:
         return
     logger.log_hyperparams({**results["axes"], "bits_weight": cfg.bits.weight, "bits_act": cfg.bits.act,
@@ -218,6 +245,12 @@ def log_job(logger, cfg: DictConfig, results: dict, ranges: list[RangeChoice], g
         rows = [asdict(r) for r in ranges or []]
         if rows:
             logger.log_table("calibration/ranges", columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        if reconstruction:  # each unit's output error before and after reconstruction
+            logger.log_table("calibration/reconstruction", columns=list(reconstruction[0]),
+                             data=[list(r.values()) for r in reconstruction])
+        if results["full_precision"]:
+            fp = results["full_precision"]
+            logger.log_table("calibration/full_precision", columns=list(fp[0]), data=[list(r.values()) for r in fp])
         logger.log_image("samples", images=list(grids.values()), caption=list(grids))
 
 
@@ -310,6 +343,8 @@ def run(cfg: DictConfig) -> dict:
         "num_samples": cfg.eval.num_samples,
         "num_calibration_samples": cfg.calib.num_samples,
         "calibration_timesteps": calibration["calibration_timesteps"],
+        "reconstruction": reconstruction_summary(calibration.get("reconstruction") or []),
+        "full_precision": calibration.get("full_precision", []),  # what stays in full precision, and why
         "reference": None if reference is None else f"{reference.name} ({reference.num_images} images)",
         "reference_digest": reference_digest,
         "seed": cfg.seed,
@@ -326,9 +361,12 @@ def run(cfg: DictConfig) -> dict:
           f"{cfg.calib.num_samples} calibration samples, calibration "
           f"{calibration['timings'].get('calibration_seconds', float('nan')):.1f} s"
           f"{' (restored)' if calibration['restored'] else ''}\n{markdown_table(rows, HEADLINE)}\n")
+    if results["full_precision"]:
+        print(f"In full precision (every one in results.json, full_precision):\n"
+              f"{markdown_table(grouped(results['full_precision']), ['kind', 'count', 'reason', 'names'])}\n")
     logger = make_logger(cfg.logger, **wandb_names(cfg))
     try:
-        log_job(logger, cfg, results, module.ranges, grids)
+        log_job(logger, cfg, results, module.ranges, grids, calibration.get("reconstruction") or [])
     finally:
         finish_logger(logger)
     return results

@@ -259,3 +259,37 @@ def test_a_nan_during_sampling_names_the_step():
 
     with pytest.raises(FloatingPointError, match=r"step 2 \(t=400\)"):
         sampler.sample(breaks_at_third_call, torch.randn(2, 3, 8, 8))
+
+
+def test_kl_charges_a_narrow_candidate_for_rounding_too():
+    """An outlier stretches the observed range, so the candidate [-3, 3] spans 120 of the 2048 shared bins, fewer
+    than an 8-bit grid's 256 levels: scored at that resolution, Q equalled P and rounding cost nothing, so values
+    the grid must round and values already on its levels scored alike. Now the first cost more."""
+    from ptq4dm.calibration import KLDivergence
+    from ptq4dm.quant.quantizer import QuantSpec, fake_quantize, grid_params
+
+    g = torch.Generator().manual_seed(0)
+    bulk = torch.randn(20000, generator=g).clamp(-3, 3)
+    lo, hi, spec = torch.tensor([[-3.0]]), torch.tensor([[3.0]]), QuantSpec(8)
+    scale, zero_point = grid_params(lo[0], hi[0], spec)
+    on_grid = fake_quantize(bulk, scale, zero_point, spec.qmin, spec.qmax)
+    outlier = torch.tensor([100.0])
+    rounded, exact = (float(KLDivergence().score(torch.cat([v, outlier])[None], None, lo, hi, spec))
+                      for v in (bulk, on_grid))
+    assert rounded > 2 * exact > 0
+
+
+def test_kl_scores_every_candidate_and_channel_at_once_as_one_at_a_time():
+    from ptq4dm.calibration import KLDivergence
+    from ptq4dm.quant.quantizer import QuantSpec
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 500, generator=g) * torch.tensor([[1.0], [2.0], [0.5]])
+    alphas = torch.linspace(1, 0.2, 7)[:, None]
+    lo, hi = alphas * x.amin(1), alphas * x.amax(1)
+    kl, spec = KLDivergence(bins=256), QuantSpec(4)
+    together = kl.score(x, None, lo, hi, spec)
+    alone = torch.stack([torch.stack([kl.score(x[c:c + 1], None, lo[k:k + 1, c:c + 1], hi[k:k + 1, c:c + 1], spec)[0, 0]
+                                      for c in range(3)]) for k in range(7)])
+    torch.testing.assert_close(together, alone)
+    assert together.shape == (7, 3) and torch.isfinite(together).all()

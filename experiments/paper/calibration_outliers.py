@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from ptq4dm.calibration import calibrate_
 from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.diffusion import Sampler, seeded_generators
-from ptq4dm.evaluation.sampling import _DTYPES
+from ptq4dm.utils.precision import DTYPES as _DTYPES
 from ptq4dm.experiment.recipe import recipe_from_config
 from ptq4dm.models.factory import load_model
 from ptq4dm.utils.config import CONF_DIR

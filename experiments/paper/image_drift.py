@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from ptq4dm.calibration import calibrate_
 from ptq4dm.data import load_cifar10
 from ptq4dm.diffusion import Sampler
-from ptq4dm.evaluation.sampling import _DTYPES
+from ptq4dm.utils.precision import DTYPES as _DTYPES
 from ptq4dm.experiment.module import PTQModule
 from ptq4dm.experiment.recipe import recipe_from_config
 from ptq4dm.metrics import make_extractor

@@ -34,7 +34,7 @@ VARIANTS = {
     # a time; these are diagnostics, not W8A8 any more)
     "weights only (w8a16)": ["bits=w8a16"],
     "weights only (w8a32)": ["bits=w8a32"],
-    "weights with min/max ranges": ["metric.weights=false"],
+    "weights with min/max ranges": ["weight_metric=minmax"],
     "FP: time embedding + time_emb_proj": ['ops.exclude=["time_embedding.*","*.time_emb_proj"]'],
     "FP: attention projections": ['ops.exclude=["*attentions*"]'],
     "FP: conv_shortcut (skip concat readers)": ['ops.exclude=["*.conv_shortcut"]'],

@@ -11,6 +11,7 @@ from ptq4dm.calibration.calibset import (
     build_calibration_set,
 )
 from ptq4dm.calibration.range_metrics import (
+    ByBitWidth,
     CosineDistance,
     KLDivergence,
     LpDistance,
@@ -22,7 +23,7 @@ from ptq4dm.calibration.range_metrics import (
 from ptq4dm.calibration.search import RangeChoice, RangeSearch, calibrate_
 from ptq4dm.calibration.timesteps import Gaussian, RandomSteps, Single, TimestepDistribution, Uniform
 
-__all__ = ["CalibrationRecipe", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
+__all__ = ["ByBitWidth", "CalibrationRecipe", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
            "LpDistance", "MinMax", "PearsonDistance", "Percentile", "PureNoise", "RandomSteps", "RangeChoice",
            "RangeMetric", "RangeSearch", "RawImages", "Single", "TimestepDistribution", "Trajectory", "Uniform",
            "build_calibration_set", "calibrate_"]

@@ -23,6 +23,10 @@ class RangeMetric:
     def fixed_range(self, x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor):
         raise NotImplementedError
 
+    def for_spec(self, spec: QuantSpec) -> "RangeMetric":
+        """The metric a quantizer of ``spec`` uses (itself; ByBitWidth picks by bit-width)."""
+        return self
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -58,10 +62,15 @@ class PearsonDistance(RangeMetric):
 
 
 class KLDivergence(RangeMetric):
-    """Entropy calibration (TensorRT): a ``bins``-bin histogram over the observed range; for a candidate range,
-    P is the histogram inside it with the mass outside folded into its edge bins, Q is the inside histogram
-    merged into the grid's levels and spread back evenly over each level's non-empty bins; score KL(P || Q).
-    Clipping costs through the folded mass, coarse levels through the merging."""
+    """Entropy calibration (TensorRT): ``bins`` histogram bins over the observed range; for a candidate range,
+    P is the histogram of the values over it (values outside folded into its edge bins: clipping), and Q the
+    histogram of the values inside merged into the grid's levels and spread back evenly over each level's
+    non-empty bins (rounding); score KL(P || Q).
+
+    A candidate spanning fewer than ``2 * levels`` of those bins gets its own histogram of ``2 * levels`` bins
+    over its range: at the shared resolution such a candidate had no more bins than levels, so Q equalled P and
+    rounding cost nothing (a narrow range was scored for clipping only). Candidates and channels are scored at
+    once, without a Python loop or a device sync per candidate."""
 
     def __init__(self, bins: int = 2048):
         if bins < 16:
@@ -70,50 +79,66 @@ class KLDivergence(RangeMetric):
 
     def score(self, x, xq, lo, hi, spec):
         levels = spec.qmax - spec.qmin + 1
-        x = x.reshape(lo.shape[1], -1)
-        out = torch.empty(lo.shape, device=x.device)
-        for c in range(x.shape[0]):
-            xmin, xmax = float(x[c].min()), float(x[c].max())
-            width = max(xmax - xmin, 1e-12)
-            hist = torch.histc(x[c].float(), bins=self.bins, min=xmin, max=xmin + width)
-            for k in range(lo.shape[0]):
-                i0 = int(min(max((float(lo[k, c]) - xmin) / width * self.bins, 0), self.bins - 1))
-                i1 = int(min(max(-(-(float(hi[k, c]) - xmin) / width * self.bins // 1), i0 + 1), self.bins))
-                inside = hist[i0:i1]
-                p = inside.clone()
-                p[0] += hist[:i0].sum()
-                p[-1] += hist[i1:].sum()
-                out[k, c] = _kl(p, _merge_into_levels(inside, levels))
-        return out
+        k, c = lo.shape
+        x = x.reshape(c, -1).float()
+        shared = (x.amax(1) - x.amin(1)).clamp_min(1e-12) / self.bins  # (C,) the shared bin width
+        width = (hi - lo).clamp_min(1e-12)  # (K, C)
+        # Bins per candidate: the shared resolution, or 2 per level where that is coarser (at most 8 * bins: for
+        # wide grids, 12 bits and up, rounding is below any histogram's resolution and stays unscored).
+        m = (width / shared).round()
+        nb = torch.maximum(m, torch.minimum(torch.full_like(m, 2.0 * levels), torch.full_like(m, 8.0 * self.bins)))
+        nb = nb.long()
+        most = int(nb.max())
+        pos = (x[None] - lo[..., None]) / width[..., None] * nb[..., None]  # (K, C, n) in bins of the candidate
+        row = torch.arange(k * c, device=x.device).view(k, c, 1) * most
+        index = torch.minimum(pos.floor().clamp_(min=0).long(), nb[..., None] - 1) + row
+        p = torch.bincount(index.flatten(), minlength=k * c * most).view(k, c, most).float()
+        inside = (pos >= 0) & (pos < nb[..., None])
+        q_in = torch.bincount(index[inside], minlength=k * c * most).view(k, c, most).float()
+        j = torch.arange(most, device=x.device)
+        valid = j < nb[..., None]  # (K, C, most): the candidate's own bins
+        level = torch.where(valid, j * levels // nb[..., None], levels)  # bins past nb go to a discarded group
+        nonzero = (q_in > 0).float()
+        mass = torch.zeros(k, c, levels + 1, device=x.device).scatter_add_(2, level, q_in)
+        count = torch.zeros(k, c, levels + 1, device=x.device).scatter_add_(2, level, nonzero)
+        q = mass.gather(2, level) / count.gather(2, level).clamp_min(1) * nonzero
+        return _kl_rows(p, q, valid)
 
 
-def _merge_into_levels(hist: torch.Tensor, levels: int) -> torch.Tensor:
-    """Sum bins into ``levels`` groups and spread each group's mass evenly over its non-empty bins."""
-    m = len(hist)
-    if m <= levels:
-        return hist.clone()
-    level = torch.arange(m, device=hist.device) * levels // m
-    nonzero = (hist > 0).float()
-    mass = torch.zeros(levels, device=hist.device).index_add_(0, level, hist)
-    count = torch.zeros(levels, device=hist.device).index_add_(0, level, nonzero)
-    return mass[level] / count[level].clamp_min(1) * nonzero
+def _smooth_rows(p: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Normalise each row over its ``valid`` bins and give the empty ones a little mass (taken from the others),
+    as MXNet's and TVM's entropy calibration do, so that a bin Q leaves empty costs a bounded amount instead of
+    infinity."""
+    p = p * valid / (p * valid).sum(-1, keepdim=True).clamp_min(1e-12)
+    empty = ((p == 0) & valid).float()
+    n_empty = empty.sum(-1, keepdim=True)
+    n_full = (valid.sum(-1, keepdim=True) - n_empty).clamp_min(1)
+    smoothed = p + eps * empty - eps * n_empty / n_full * (p > 0).float()
+    return torch.where(n_empty == 0, p, smoothed).clamp_min(1e-12)
 
 
-def _smooth(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Normalise and give empty bins a little mass (taken from the others), as MXNet's and TVM's entropy
-    calibration do, so that a bin Q leaves empty costs a bounded amount instead of infinity."""
-    p = p / p.sum().clamp_min(1e-12)
-    empty = (p == 0).float()
-    n_empty = float(empty.sum())
-    if n_empty in (0, p.numel()):
-        return p
-    return (p + eps * empty - eps * n_empty / (p.numel() - n_empty) * (1 - empty)).clamp_min(1e-12)
+def _kl_rows(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) over the last dimension, only over the bins P holds mass in."""
+    ps, qs = _smooth_rows(p, valid), _smooth_rows(q, valid)
+    return torch.where(p > 0, ps * (ps / qs).log(), torch.zeros_like(ps)).sum(-1)
 
 
-def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    mask = p > 0
-    p, q = _smooth(p)[mask], _smooth(q)[mask]
-    return (p * (p / q).log()).sum()
+class ByBitWidth(RangeMetric):
+    """Weights' default (``weight_metric=auto``): the Lp search (``p``) on grids of ``min_bits`` or more, the
+    observed per-channel min/max below. Measured on small_cifar10 at W4A8 (H200, 2000 images, FP 29.2): the
+    per-channel Lp search gave FID 180.7 against 54.9 with min/max; at W8A8 the search is what reached +0.99 FID
+    at 10k images (experiments/results/main_10k)."""
+
+    def __init__(self, min_bits: int = 8, p: float = 2.4):
+        if not isinstance(min_bits, int) or not 2 <= min_bits <= 16:
+            raise ValueError(f"weight_metric.fn.min_bits={min_bits!r}: allowed is a whole number from 2 to 16")
+        self.min_bits, self.search_metric, self.minmax = min_bits, LpDistance(p), MinMax()
+
+    def for_spec(self, spec: QuantSpec) -> RangeMetric:
+        return self.search_metric if spec.bits >= self.min_bits else self.minmax
+
+    def __repr__(self) -> str:
+        return f"ByBitWidth(min_bits={self.min_bits}, p={self.search_metric.p})"
 
 
 class MinMax(RangeMetric):

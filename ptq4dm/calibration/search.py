@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.calibration.observer import ValueSample
-from ptq4dm.calibration.range_metrics import LpDistance, MinMax, RangeMetric
+from ptq4dm.calibration.range_metrics import ByBitWidth, LpDistance, RangeMetric
 from ptq4dm.quant.api import layers_reading_input, split_shortcuts_
 from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.quant.quantizer import Quantizer
@@ -29,11 +29,11 @@ _CHUNK_ELEMENTS = 2**24  # candidates are scored in chunks of about this many va
 
 @dataclass
 class RangeSearch:
-    """Which metric picks ranges, over how many candidates, for activations and (if ``weights``) weights."""
+    """Which metric picks activation ranges and which picks weight ranges, over how many candidates."""
 
     metric: RangeMetric = field(default_factory=LpDistance)
     num_candidates: int = 100
-    weights: bool = True
+    weight_metric: RangeMetric = field(default_factory=ByBitWidth)
     max_values: int = 65536  # values per activation quantizer kept for scoring
     independent_ends: bool = True  # asymmetric grids: refine lo and hi separately after the joint shrink
 
@@ -95,7 +95,7 @@ def _best_candidates(x: torch.Tensor, cand_lo: torch.Tensor, cand_hi: torch.Tens
     return cand_lo[best, cols], cand_hi[best, cols], scores[best, cols], scores[0]
 
 
-def _describe(name: str) -> tuple[str, str]:
+def describe_quantizer(name: str) -> tuple[str, str]:
     """'up.0.conv1.input_quantizers.1' -> ('up.0.conv1', 'input[1]')."""
     for kind in ("weight_quantizers", "input_quantizers"):
         marker = f".{kind}."
@@ -158,21 +158,23 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
             q, obs = act_quantizers[name], observers[name]
             if obs.min is None or name in keep_fp:  # never called (an unused branch), or x_t: full precision
                 q.enabled = False
+                q.fp_reason = "reads the network's own input x_t (ops.network_input=false)" if name in keep_fp \
+                    else "never called during calibration"
                 continue
             x, xmin, xmax = obs.values(), obs.min, obs.max
             metric = search.metric
         else:
             layer, part, q = weight_quantizers[name]
-            w = layer.layer.weight
-            w = w if not layer.split else (w[:, : layer.split] if part == 0 else w[:, layer.split:])
-            x = w.detach().float().reshape(w.shape[0], -1)
+            w = layer.weight_part(part).detach().float().transpose(0, layer.out_axis)  # output channels first
+            x = w.reshape(w.shape[0], -1)
             xmin, xmax = x.amin(dim=1), x.amax(dim=1)
-            metric = search.metric if search.weights else MinMax()
+            metric = search.weight_metric
         if not q.spec.per_channel:
             x, xmin, xmax = x.reshape(1, -1), xmin.min().reshape(1), xmax.max().reshape(1)
-        lo, hi, score, base = search_range(x, xmin, xmax, q, metric, search.num_candidates, search.independent_ends)
+        lo, hi, score, base = search_range(x, xmin, xmax, q, metric.for_spec(q.spec), search.num_candidates,
+                                           search.independent_ends)
         q.set_range(lo, hi)
-        layer_name, tensor = _describe(name)
+        layer_name, tensor = describe_quantizer(name)
         choices.append(RangeChoice(
             quantizer=layer_name, tensor=tensor, bits=q.spec.bits, lo=float(lo.min()), hi=float(hi.max()),
             observed_lo=float(xmin.min()), observed_hi=float(xmax.max()),

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from ptq4dm.diffusion import Sampler, seeded_generators
 from ptq4dm.diffusion.sampler import to_uint8
 from ptq4dm.utils.io import atomic_path
+from ptq4dm.utils.precision import autocast, check_precision
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SeedBatches(Dataset):
@@ -46,9 +46,7 @@ class SamplingModule(pl.LightningModule):
                  image_shape: tuple[int, int, int] | None = None, compile: bool = False,
                  decoder: torch.nn.Module | None = None, conditioner=None):
         super().__init__()
-        if precision not in _DTYPES:
-            raise ValueError(f"eval.precision={precision!r} is not one of {sorted(_DTYPES)}")
-        self.unet, self.sampler, self.seed, self.precision = unet, sampler, seed, precision
+        self.unet, self.sampler, self.seed, self.precision = unet, sampler, seed, check_precision(precision)
         self.compile = compile  # sample through torch.compile(unet.forward): one graph, elementwise ops fused
         self._compiled_forward = None  # a function, not a module: stays out of the state dict
         self.output_quantizer = None  # quantizes the sampler's own outputs (PTQ4DM Table 1), if set
@@ -58,8 +56,7 @@ class SamplingModule(pl.LightningModule):
 
     def autocast(self, device: torch.device) -> torch.autocast:
         """The network's compute precision: ``precision`` on CUDA, float32 elsewhere."""
-        dtype = _DTYPES[self.precision] if device.type == "cuda" else None
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return autocast(self.precision, device)
 
     def network(self):
         """What sampling calls: the network, or its compiled forward (compiled on first use)."""

@@ -29,7 +29,8 @@ RESULTS, FAILURE, CALIBRATION = "results.json", "failure.json", "calibration.jso
 SUPERSEDED = "superseded"
 # What a job writes in its folder. Only these are ever moved aside or deleted: a folder may hold other files
 # (hydra.run.dir pointing somewhere in use), and Hydra's .hydra/ and log file are Hydra's.
-OUTPUTS = (RESULTS, FAILURE, CALIBRATION, "quantization.safetensors", "ranges.csv", "config.yaml", "samples",
+OUTPUTS = (RESULTS, FAILURE, CALIBRATION, "quantization.safetensors", "ranges.csv", "reconstruction.csv",
+           "config.yaml", "samples",
            "samples_full_precision.png", "samples_quantized.png", "wandb", "csv")
 
 

@@ -14,20 +14,29 @@ from pytorch_lightning.accelerators import AcceleratorRegistry
 
 from ptq4dm.calibration import CalibrationRecipe, CalibrationSource, RangeMetric, RangeSearch, TimestepDistribution
 from ptq4dm.diffusion.sampler import SAMPLERS
+from ptq4dm.engine import PTQMethod
 from ptq4dm.quant import QuantConfig
+from ptq4dm.reconstruction import Reconstruction
 from ptq4dm.utils.targets import build_typed
 
-AXES = ("model", "sampler", "ops", "bits", "calib", "metric")
+AXES = ("model", "sampler", "ops", "bits", "calib", "metric", "weight_metric", "recon")
 
 
 @dataclass
 class PTQRecipe:
-    quant: QuantConfig
+    method: PTQMethod  # placement (QuantConfig), range search, reconstruction: what the engine runs
     calibration: CalibrationRecipe
-    search: RangeSearch
     calib_sampler: dict  # the sampler the calibration trajectories follow
     axes: dict[str, str]  # the choice on each axis, for tables and W&B group-by
     quantize_decoder: bool = False  # a latent model's VAE decoder too (ops.decoder; QuantConfig.for_decoder)
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self.method.quant
+
+    @property
+    def search(self) -> RangeSearch:
+        return self.method.search
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -119,9 +128,14 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     if calibration.source.needs_images and cfg.data.name == "none":
         raise ValueError(f"calib={cfg.calib.name} draws real images, but data=none: choose a data set (data=cifar10)")
     search = RangeSearch(metric=build_typed(cfg.metric.fn, "metric.fn", RangeMetric),
-                         num_candidates=cfg.metric.num_candidates, weights=cfg.metric.weights,
+                         num_candidates=cfg.metric.num_candidates,
+                         weight_metric=build_typed(cfg.weight_metric.fn, "weight_metric.fn", RangeMetric),
                          max_values=cfg.metric.max_values, independent_ends=cfg.metric.independent_ends)
+    reconstruction = None if cfg.recon.method is None else \
+        build_typed(cfg.recon.method, "recon.method", Reconstruction)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", T) if cfg.calib.sampler else sampler
     axes = {"model": cfg.model.name, "sampler": f"{sampler['name']}-{sampler['steps']}", "ops": ops.name,
-            "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name}
-    return PTQRecipe(quant, calibration, search, calib_sampler, axes, quantize_decoder=ops.decoder)
+            "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name,
+            "weight_metric": cfg.weight_metric.name, "recon": cfg.recon.name}
+    return PTQRecipe(PTQMethod(quant, search, reconstruction), calibration, calib_sampler, axes,
+                     quantize_decoder=ops.decoder)

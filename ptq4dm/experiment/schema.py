@@ -122,9 +122,20 @@ class MetricConfig:
     name: str = MISSING
     fn: Any = MISSING  # {_target_: a RangeMetric subclass, its arguments}
     num_candidates: int = 100
-    weights: bool = True
     max_values: int = 65536
     independent_ends: bool = True
+
+
+@dataclass
+class WeightMetricConfig:
+    name: str = MISSING
+    fn: Any = MISSING  # {_target_: a RangeMetric subclass, its arguments}
+
+
+@dataclass
+class ReconConfig:
+    name: str = MISSING
+    method: Any = None  # {_target_: a Reconstruction subclass, its arguments}; null: none
 
 
 @dataclass
@@ -146,6 +157,8 @@ class RunConfig:
     bits: BitsConfig = field(default_factory=BitsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
+    weight_metric: WeightMetricConfig = field(default_factory=WeightMetricConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: Any = None
     trainer: Any = MISSING

@@ -7,6 +7,7 @@ Until then every quantizer passes its input through unchanged.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,11 +18,66 @@ from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.quant.quantizer import Quantizer
 
 
+CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+
+
 def quantizable_layers(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Names of the Conv2d/Linear layers the config quantizes, in registration order."""
-    kinds = tuple(k for k, on in ((nn.Conv2d, config.conv), (nn.Linear, config.linear)) if on)
+    """Names of the Conv1d/Conv2d/ConvTranspose2d/Linear layers the config quantizes, in registration order."""
+    kinds = tuple(k for group, on in ((CONV_KINDS, config.conv), ((nn.Linear,), config.linear)) if on for k in group)
     return [name for name, m in model.named_modules()
             if kinds and isinstance(m, kinds) and not any(fnmatch.fnmatch(name, p) for p in config.exclude)]
+
+
+@dataclass
+class Trace:
+    """What one forward pass shows of a network: module names in the order first called, and the modules that
+    were given the network's own input tensor."""
+
+    order: list[str]
+    reads_input: set[str] = field(default_factory=set)
+
+
+@torch.no_grad()
+def trace(model: nn.Module, forward, x: torch.Tensor, *args) -> Trace:
+    """Run ``forward(x, *args)`` once with hooks on every module of ``model``."""
+    order, reads, seen, handles = [], set(), set(), []
+    for name, module in model.named_modules():
+        def hook(m, inputs, name=name):
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+            if any(isinstance(a, torch.Tensor) and a.data_ptr() == x.data_ptr() and a.shape == x.shape
+                   for a in inputs):
+                reads.add(name)
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        forward(x, *args)
+    finally:
+        for h in handles:
+            h.remove()
+    return Trace(order, reads)
+
+
+def execution_order(model: nn.Module, forward, *inputs) -> list[str]:
+    """Names of ``model``'s modules in the order ``forward(*inputs)`` first calls them (a module called twice
+    counts once, at its first call). Modules never called are left out."""
+    return trace(model, forward, *inputs).order
+
+
+def edge_layers(names: list[str], traced: Trace | None) -> set[str]:
+    """The network's first and last layers among ``names``: the first executed layer that reads the network's
+    input x_t (a UNet runs its time embedding before conv_in, but the image enters at conv_in) and the last
+    executed layer; by registration order when there is no trace."""
+    if not names:
+        return set()
+    if traced is None:
+        return {names[0], names[-1]}
+    position = {name: i for i, name in enumerate(traced.order)}
+    executed = sorted((n for n in names if n in position), key=position.__getitem__)
+    if not executed:
+        return set()
+    first = next((n for n in executed if n in traced.reads_input), executed[0])
+    return {first, executed[-1]}
 
 
 def unmatched_patterns(model: nn.Module, patterns) -> list[str]:
@@ -35,12 +91,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace the layers ``config`` selects with QuantLayers (and attention processors), in place."""
+def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None,
+              edges: set[str] | None = None) -> nn.Module:
+    """Replace the layers ``config`` selects with QuantLayers (and attention processors), in place.
+
+    ``config.first_last_bits`` applies to the network's first and last layers as it executes (``edge_layers``):
+    pass ``traced`` (``trace``) or the ``edges`` themselves; without either, registration order decides (which
+    in a custom network may put a time-embedding layer "first"). The chosen edges are kept as
+    ``model.quant_edges``.
+    """
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("model is already quantized")
     names = quantizable_layers(model, config)
-    edges = {names[0], names[-1]} if names and config.first_last_bits else set()
+    if not config.first_last_bits:
+        edges = set()
+    elif edges is None:
+        edges = edge_layers(names, traced)
     for name in names:
         bits = config.first_last_bits if name in edges else None
         layer = model.get_submodule(name)
@@ -51,6 +117,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
                     and not any(fnmatch.fnmatch(name, p) for p in config.exclude):
                 m.set_processor(QuantAttnProcessor(config.act_spec()))
     model.quant_config = config
+    model.quant_edges = sorted(edges)
     return model
 
 

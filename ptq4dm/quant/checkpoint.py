@@ -22,7 +22,8 @@ from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.utils.io import atomic_path
 
 FILENAME = "quantization.safetensors"
-_BUFFERS = ("lo", "hi", "scale", "zero_point", "calibrated")
+_BUFFERS = ("lo", "hi", "scale", "zero_point", "calibrated", "rounding")
+_OPTIONAL = ("rounding",)  # absent from checkpoints written before learned rounding existed
 
 
 def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None = None,
@@ -38,7 +39,7 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     tensors = {f"{part}.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
                for part, module in parts.items() if module is not None
                for name, q in quantizers(module).items() for b in _BUFFERS}
-    meta = {"quant_config": asdict(config),
+    meta = {"quant_config": asdict(config), "edges": getattr(model, "quant_edges", None),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
             "disabled": _disabled(model), "decoder_disabled": None if decoder is None else _disabled(decoder),
             "source": source or {}}
@@ -102,7 +103,8 @@ def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     path, meta, tensors = _read(folder, tensors=True)
     _check_decoder(path, meta, decoder)
     config = QuantConfig(**meta["quant_config"])
-    quantize_(model, config)
+    edges = meta.get("edges")  # None: written before edges were recorded (registration order then)
+    quantize_(model, config, edges=None if edges is None else set(edges))
     if decoder is not None:
         quantize_(decoder, config.for_decoder())
     return _restore(path, meta, tensors, model, extra, decoder)
@@ -116,6 +118,9 @@ def restore_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | N
     _check_decoder(path, meta, decoder)
     if QuantConfig(**meta["quant_config"]) != getattr(model, "quant_config", None):
         raise ValueError(f"{path} was made with another QuantConfig than this network's: {meta['quant_config']}")
+    if meta.get("edges") is not None and meta["edges"] != getattr(model, "quant_edges", None):
+        raise ValueError(f"{path} raised other first/last layers {meta['edges']} than this network's "
+                         f"{getattr(model, 'quant_edges', None)}")
     return _restore(path, meta, tensors, model, extra, decoder)
 
 
@@ -134,12 +139,16 @@ def _restore(path: Path, meta: dict, tensors: dict, model: nn.Module, extra: nn.
     targets = {f"{part}.{n}": q for part, module in (("model", model), ("extra", extra), ("decoder", decoder))
                if module is not None for n, q in quantizers(module).items()}
     expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}
-    if expected != set(tensors):
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    required = {k for k in expected if k.rsplit(".", 1)[1] not in _OPTIONAL}
+    if not required <= set(tensors) <= expected:
+        missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"{path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, q in targets.items():
-            q.load_state_dict({b: tensors[f"{name}.{b}"] for b in _BUFFERS})
+            state = {b: tensors[f"{name}.{b}"] for b in _BUFFERS if f"{name}.{b}" in tensors}
+            q.load_state_dict(state, strict=False)
+            if state.get("rounding") is not None and state["rounding"].numel():
+                q.set_rounding(state["rounding"])
     for name in meta["disabled"]:
         targets[f"model.{name}"].enabled = False
     for name in meta.get("decoder_disabled") or []:

@@ -1,8 +1,10 @@
-"""Quantized stand-ins for Conv2d and Linear: quantizers on the weight and on the input activation.
+"""Quantized stand-ins for Conv1d, Conv2d, ConvTranspose2d and Linear: quantizers on the weight and on the
+input activation.
 
-With ``split`` > 0 (shortcut splitting, Q-Diffusion), the input channels [0, split) and [split, C) come from
-two different tensors concatenated at a UNet skip; each part gets its own activation quantizer, and the
-matching slices of the weight their own per-channel scales.
+Weights are quantized per output channel: dim 0 of a Conv/Linear weight, dim 1 of a ConvTranspose weight
+(``in, out/groups, kH, kW``). With ``split`` > 0 (shortcut splitting, Q-Diffusion), the input channels [0, split)
+and [split, C) come from two different tensors concatenated at a UNet skip; each part gets its own activation
+quantizer, and the matching slices of the weight their own per-channel scales.
 """
 
 from __future__ import annotations
@@ -13,26 +15,45 @@ from torch import nn
 
 from ptq4dm.quant.quantizer import Quantizer, QuantSpec
 
+LAYER_KINDS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def output_axis(layer: nn.Module) -> int:
+    """The weight dimension of the output channels."""
+    return 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+
+
+def input_axis(layer: nn.Module) -> int:
+    """The weight dimension of the input channels."""
+    return 0 if isinstance(layer, nn.ConvTranspose2d) else 1
+
 
 class QuantLayer(nn.Module):
-    def __init__(self, layer: nn.Conv2d | nn.Linear, weight: QuantSpec | None, activation: QuantSpec | None,
-                 split: int = 0):
+    def __init__(self, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None, split: int = 0):
         super().__init__()
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise TypeError(f"QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
+        if not isinstance(layer, LAYER_KINDS):
+            raise TypeError(f"QuantLayer wraps {[k.__name__ for k in LAYER_KINDS]}, not {type(layer).__name__}")
         self.layer, self.weight_spec, self.activation_spec = layer, weight, activation
         self.register_buffer("_frozen_weight", None, persistent=False)  # moves with .to(); not saved
         self.set_split(split)
 
+    @property
+    def out_axis(self) -> int:
+        return output_axis(self.layer)
+
     def set_split(self, split: int) -> None:
         """Give input channels [0, split) and [split, C) separate quantizers (0: one quantizer for all)."""
-        if not 0 <= split < self.layer.weight.shape[1]:
-            raise ValueError(f"split={split} outside the layer's {self.layer.weight.shape[1]} input channels")
+        in_channels = self.layer.weight.shape[input_axis(self.layer)]
+        if split and isinstance(self.layer, nn.ConvTranspose2d):
+            raise ValueError("shortcut splitting applies to Conv/Linear layers reading a skip concatenation")
+        if not 0 <= split < in_channels:
+            raise ValueError(f"split={split} outside the layer's {in_channels} input channels")
         self.split, parts = split, 2 if split else 1
-        out_channels = self.layer.weight.shape[0]
+        out_channels = self.layer.weight.shape[self.out_axis]
         device = self.layer.weight.device  # split after the model moved to its device: follow it
         self.weight_quantizers = nn.ModuleList(
-            [Quantizer(self.weight_spec, out_channels).to(device) for _ in range(parts)] if self.weight_spec else [])
+            [Quantizer(self.weight_spec, out_channels, axis=self.out_axis).to(device) for _ in range(parts)]
+            if self.weight_spec else [])
         self.input_quantizers = nn.ModuleList(
             [Quantizer(self.activation_spec, axis=1).to(device) for _ in range(parts)] if self.activation_spec else [])
         self._frozen_weight = None
@@ -42,6 +63,13 @@ class QuantLayer(nn.Module):
         if self._frozen_weight is not None and all(q.enabled for q in self.weight_quantizers):
             return self._frozen_weight
         return self._by_part(self.weight_quantizers, self.layer.weight)
+
+    def weight_part(self, part: int) -> torch.Tensor:
+        """The slice of the weight that weight quantizer ``part`` quantizes."""
+        w = self.layer.weight
+        if not self.split:
+            return w
+        return w[:, : self.split] if part == 0 else w[:, self.split:]
 
     def freeze_weight(self) -> None:
         """Quantize the weight once, after calibration, instead of at every call."""
@@ -60,12 +88,18 @@ class QuantLayer(nn.Module):
             return quantizers[0](t)
         return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         x = self._by_part(self.input_quantizers, x)
-        w = self.quantized_weight()
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w.to(x.dtype), self.layer.bias)
-        return F.linear(x, w.to(x.dtype), self.layer.bias)
+        w = self.quantized_weight().to(x.dtype)
+        layer = self.layer
+        if isinstance(layer, nn.ConvTranspose2d):
+            padding = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, 2,
+                                            layer.dilation)
+            return F.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding, padding, layer.groups,
+                                      layer.dilation)
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            return layer._conv_forward(x, w, layer.bias)
+        return F.linear(x, w, layer.bias)
 
     def extra_repr(self) -> str:
         return f"split={self.split}" if self.split else ""

@@ -49,6 +49,23 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (torch.clamp(torch.round(x * inv_scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
+def fake_quantize_rounded(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                          rounding: torch.Tensor) -> torch.Tensor:
+    """Fake quantization with learned rounding (AdaRound): ``floor(x / scale) + rounding`` instead of the
+    nearest level, ``rounding`` holding one 0/1 decision per element of ``x`` (a weight)."""
+    v = torch.floor(x.float() * scale.reciprocal()) + rounding.to(torch.float32)
+    return ((torch.clamp(v + zero_point, qmin, qmax) - zero_point) * scale).to(x.dtype)
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                      qmax: int) -> torch.Tensor:
+    """``fake_quantize`` with a straight-through gradient for the rounding, so that gradients reach ``x`` and
+    ``scale`` (learned step sizes, LSQ; reconstruction)."""
+    v = x.float() / scale
+    v = v + (torch.round(v) - v).detach()
+    return ((torch.clamp(v + zero_point, qmin, qmax) - zero_point) * scale).to(x.dtype)
+
+
 def fake_quantize_in_fp32(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                           inv_scale: torch.Tensor | None = None):
     """``fake_quantize`` computed in float32 and returned in ``x``'s dtype: bf16's 8-bit mantissa cannot tell
@@ -90,7 +107,10 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))  # persisted with the ranges
+        # Learned rounding of a weight (AdaRound; 0/1 per element, empty: round to nearest), saved with the ranges.
+        self.register_buffer("rounding", torch.zeros(0, dtype=torch.int8))
         self.enabled = True
+        self.override = None  # during reconstruction: what computes this quantizer's output instead (set_override)
         self.fused = True  # per-tensor ranges on CUDA: one compiled kernel (same numbers); False: eager ops
         self.ready = False  # a Python mirror of `calibrated`: no device sync or graph break in forward
         self.observer = None  # set during calibration; sees full-precision inputs
@@ -106,11 +126,35 @@ class Quantizer(nn.Module):
         self.ready = True
 
     def reset(self) -> None:
-        """Forget the range and switch back on: the quantizer passes its input through until ``set_range``."""
+        """Forget the range and rounding and switch back on: the quantizer passes its input through until
+        ``set_range``."""
         self.calibrated.fill_(False)
+        self.rounding = torch.zeros(0, dtype=torch.int8, device=self.lo.device)
         self.ready, self.enabled = False, True
 
+    def set_override(self, override) -> None:
+        """A callable that computes this quantizer's output instead (learned rounding or step size while
+        reconstructing), or None. Kept as a plain reference, not a submodule: it points back to this quantizer."""
+        object.__setattr__(self, "override", override)
+
+    def set_rounding(self, rounding: torch.Tensor | None) -> None:
+        """Learned 0/1 rounding decisions for the weight this quantizer quantizes (None: nearest level)."""
+        self.rounding = torch.zeros(0, dtype=torch.int8, device=self.lo.device) if rounding is None \
+            else rounding.to(torch.int8).to(self.lo.device)
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """A learned step size (LSQ): the grid keeps its zero point; the range follows the new step."""
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(self.scale.shape).to(self.scale.device)
+        self.scale.copy_(scale.clamp_min(1e-12))
+        self.lo.copy_((self.spec.qmin - self.zero_point) * self.scale)  # the range the grid now covers
+        self.hi.copy_((self.spec.qmax - self.zero_point) * self.scale)
+        self.calibrated.fill_(True)
+        self.ready = True
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rounding = state_dict.get(prefix + "rounding")
+        if rounding is not None and rounding.shape != self.rounding.shape:  # decisions exist for some weights only
+            self.rounding = torch.empty_like(rounding, device=self.lo.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.ready = bool(self.calibrated)
 
@@ -130,10 +174,14 @@ class Quantizer(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
+        if self.override is not None:
+            return self.override(x)
         if not self.enabled or not self.ready:
             return x
         scale = self._broadcast(self.scale, x.ndim)
         zero_point = self._broadcast(self.zero_point, x.ndim)
+        if self.rounding.numel():
+            return fake_quantize_rounded(x, scale, zero_point, self.spec.qmin, self.spec.qmax, self.rounding)
         if self.fused and x.is_cuda and scale.ndim == 0:
             # Flattened, one compiled kernel serves every activation shape (no recompiles per rank or size); the
             # reciprocal is computed outside it, exactly as the eager path computes it.

@@ -1,0 +1,16 @@
+"""Reconstruction after the range search (recon/ config group): learned weight rounding and step sizes, unit
+by unit in execution order. See methods.py."""
+
+from ptq4dm.reconstruction.methods import (
+    BlockReconstruction,
+    LayerReconstruction,
+    QDropReconstruction,
+    Reconstruction,
+    ReconstructionContext,
+    UnitReconstruction,
+    UnitReport,
+)
+from ptq4dm.reconstruction.units import BLOCK_TYPES, Unit, find_units
+
+__all__ = ["BLOCK_TYPES", "BlockReconstruction", "LayerReconstruction", "QDropReconstruction", "Reconstruction",
+           "ReconstructionContext", "Unit", "UnitReconstruction", "UnitReport", "find_units"]

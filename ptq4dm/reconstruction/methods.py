@@ -1,0 +1,240 @@
+"""Reconstruction: after the range search, each unit (layer or block, in execution order) learns how to round
+its weights, and optionally its activation step sizes, so that its output matches the full-precision network's.
+
+For unit U: inputs are what U receives in the quantized network with everything upstream already
+reconstructed (``inputs="quantized"``, the default, as Q-Diffusion's ``asym=True``) or in the full-precision
+network (``inputs="fp"``); the target is U's output in the full-precision network. The loss is
+``sum over channels |U_q(x) - y|^p`` averaged over the rest (Q-Diffusion's lp_loss) plus AdaRound's rounding
+regulariser, weighted ``round_weight``, switched on after ``warmup`` of the iterations while its exponent b
+anneals linearly from ``b_start`` to ``b_end``.
+
+Presets (conf/recon/): ``adaround`` (each quantized layer alone), ``brecq`` (blocks), ``qdrop`` (blocks with
+activation quantization on during reconstruction, each value quantized with probability ``keep`` = 0.5, and
+activation step sizes learned). A new method is one subclass of ``Reconstruction`` plus one YAML file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq4dm.calibration.calibset import CalibrationSet
+from ptq4dm.quant.api import quantizers
+from ptq4dm.reconstruction.capture import capture
+from ptq4dm.reconstruction.rounding import AdaRoundWeight, LearnedActivation
+from ptq4dm.reconstruction.units import BLOCK_TYPES, Unit, find_units
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitReport:
+    """One row of reconstruction.csv: a unit's output error before (nearest rounding, searched ranges) and after."""
+
+    unit: str
+    kind: str
+    layers: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+@dataclass
+class ReconstructionContext:
+    """What a reconstruction method gets from the calibration engine."""
+
+    fp_network: nn.Module
+    q_network: nn.Module
+    forward_fp: Callable  # forward(x, t, cond) of the full-precision network, in the calibration precision
+    forward_q: Callable
+    calibration: CalibrationSet
+    order: list[str]  # module names in execution order
+    device: torch.device
+    autocast: Callable[[], object]  # a context manager: the calibration precision for the unit's own forward
+    progress: bool = True
+
+
+class Reconstruction:
+    """Base class: ``run(context)`` reconstructs the quantized network in place and returns one report per unit."""
+
+    name = "reconstruction"
+
+    def run(self, context: ReconstructionContext) -> list[UnitReport]:
+        raise NotImplementedError
+
+
+class UnitReconstruction(Reconstruction):
+    """Unit-wise reconstruction with learned rounding (and optionally step sizes); see the module docstring."""
+
+    name = "units"
+
+    def __init__(self, granularity: str = "block", iters: int = 2000, batch_size: int = 32,
+                 weight_lr: float = 1e-3, act_lr: float = 4e-5, learn_act_scale: bool = False,
+                 act_quant: bool = False, keep: float = 1.0, round_weight: float = 0.01, b_start: float = 20.0,
+                 b_end: float = 2.0, warmup: float = 0.2, loss_p: float = 2.0, inputs: str = "quantized",
+                 block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0):
+        checks = {"granularity": (granularity in ("block", "layer"), "'block' or 'layer'"),
+                  "iters": (isinstance(iters, int) and iters >= 1, "a whole number of 1 or more"),
+                  "batch_size": (isinstance(batch_size, int) and batch_size >= 1, "a whole number of 1 or more"),
+                  "weight_lr": (weight_lr > 0, "a positive number"), "act_lr": (act_lr > 0, "a positive number"),
+                  "keep": (0 < keep <= 1, "a probability in (0, 1]"),
+                  "round_weight": (round_weight >= 0, "0 or more"), "b_start": (b_start >= b_end > 0,
+                                                                              "b_start >= b_end > 0"),
+                  "warmup": (0 <= warmup < 1, "a fraction in [0, 1)"), "loss_p": (loss_p > 0, "a positive number"),
+                  "inputs": (inputs in ("quantized", "fp"), "'quantized' (the default) or 'fp'"),
+                  "eval_samples": (isinstance(eval_samples, int) and eval_samples >= 1, "1 or more")}
+        for key, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"recon.method.{key}={locals()[key]!r}: allowed is {allowed}")
+        if learn_act_scale and not act_quant:
+            raise ValueError("recon.method.learn_act_scale=true needs act_quant=true (activations quantized during "
+                             "reconstruction)")
+        self.granularity, self.iters, self.batch_size = granularity, iters, batch_size
+        self.weight_lr, self.act_lr, self.learn_act_scale = weight_lr, act_lr, learn_act_scale
+        self.act_quant, self.keep, self.round_weight = act_quant, keep, round_weight
+        self.b_start, self.b_end, self.warmup, self.loss_p = b_start, b_end, warmup, loss_p
+        self.inputs, self.block_types = inputs, tuple(block_types)
+        self.eval_samples, self.seed = eval_samples, seed
+
+    def settings(self) -> dict:
+        return {k: v for k, v in vars(self).items()}
+
+    def run(self, context: ReconstructionContext) -> list[UnitReport]:
+        units = find_units(context.q_network, context.order,
+                           None if self.granularity == "layer" else self.block_types)
+        generator = torch.Generator().manual_seed(self.seed)
+        reports = []
+        with _quantization(context.q_network, act_quant=self.act_quant):
+            for unit in tqdm(units, desc=f"reconstruction ({self.name})", disable=not context.progress, leave=False):
+                reports.append(self._unit(unit, context, generator))
+        return reports
+
+    def _unit(self, unit: Unit, ctx: ReconstructionContext, generator: torch.Generator) -> UnitReport:
+        t0 = time.perf_counter()
+        batches = list(ctx.calibration.batches(max(self.batch_size, 64), ctx.device))
+        source, forward = (ctx.q_network, ctx.forward_q) if self.inputs == "quantized" else \
+            (ctx.fp_network, ctx.forward_fp)
+        inputs = capture(source, unit.name, forward, batches, store_device=ctx.device)
+        target = capture(ctx.fp_network, unit.name, ctx.forward_fp, batches, inputs=False, outputs=True,
+                         store_device=ctx.device).output
+        n = inputs.size
+        held = torch.arange(min(n, self.eval_samples))
+        layers = [ctx.q_network.get_submodule(name) for name in unit.layers]
+        for layer in layers:
+            layer.unfreeze_weight()
+        before = self._loss(unit.module, inputs, target, held, ctx)
+
+        weights = [AdaRoundWeight(q, layer.weight_part(i)) for layer in layers
+                   for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready]
+        acts = [LearnedActivation(q, self.learn_act_scale, self.keep) for layer in layers
+                for q in layer.input_quantizers if q.enabled and q.ready] if self.act_quant else []
+        for part in [*weights, *acts]:
+            part.quantizer.set_override(part)
+        groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}]
+        if self.learn_act_scale and acts:
+            groups.append({"params": [a.scale for a in acts], "lr": self.act_lr})
+        optimizer = torch.optim.Adam(groups)
+        start = int(self.warmup * self.iters)
+        try:
+            for a in acts:
+                a.train()
+            for it in range(self.iters):
+                idx = torch.randint(n, (min(self.batch_size, n),), generator=generator)
+                args, kwargs = inputs.batch(idx, ctx.device)
+                with torch.enable_grad(), ctx.autocast():
+                    out = _tensor(unit.module(*args, **kwargs))
+                    loss = _lp(out, target[idx], self.loss_p)
+                    if it >= start and self.round_weight > 0 and weights:
+                        b = self.b_start + (self.b_end - self.b_start) * (it - start) / max(self.iters - start, 1)
+                        loss = loss + self.round_weight * sum(w.regulariser(b) for w in weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            for a in acts:
+                a.eval()
+            for w in weights:
+                w.soft = False
+            after = self._loss(unit.module, inputs, target, held, ctx)
+        finally:
+            for part in [*weights, *acts]:
+                part.quantizer.set_override(None)
+        with torch.no_grad():
+            for w in weights:
+                w.quantizer.set_rounding(w.decisions())
+            for a in acts:
+                if a.scale is not None:
+                    a.quantizer.set_scale(a.step().detach())
+        for layer in layers:
+            layer.freeze_weight()
+        return UnitReport(unit.name, unit.kind, len(layers), before, after, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _loss(self, module: nn.Module, inputs, target: torch.Tensor, held: torch.Tensor, ctx) -> float:
+        total = 0.0
+        for s in range(0, len(held), self.batch_size):
+            idx = held[s: s + self.batch_size]
+            args, kwargs = inputs.batch(idx, ctx.device)
+            with ctx.autocast():
+                total += float(_lp(_tensor(module(*args, **kwargs)), target[idx], self.loss_p)) * len(idx)
+        return total / len(held)
+
+
+class LayerReconstruction(UnitReconstruction):
+    """AdaRound: every quantized layer on its own, weights only."""
+
+    name = "adaround"
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"granularity": "layer", **kwargs})
+
+
+class BlockReconstruction(UnitReconstruction):
+    """BRECQ: blocks (and the layers outside any block), weights only."""
+
+    name = "brecq"
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"granularity": "block", **kwargs})
+
+
+class QDropReconstruction(UnitReconstruction):
+    """QDrop: blocks with activations quantized during reconstruction, each value with probability ``keep``,
+    and the activation step sizes learned too."""
+
+    name = "qdrop"
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"granularity": "block", "act_quant": True, "keep": 0.5, "learn_act_scale": True,
+                            **kwargs})
+
+
+def _tensor(out) -> torch.Tensor:
+    return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+
+
+def _lp(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """Q-Diffusion's lp_loss: |pred - target|^p summed over dim 1 (channels), averaged over the rest."""
+    diff = (pred.float() - target.float()).abs()
+    return (diff.pow(p) if p != 1 else diff).sum(1).mean() if diff.dim() > 1 else diff.pow(p).mean()
+
+
+@contextmanager
+def _quantization(network: nn.Module, act_quant: bool):
+    """Activation quantizers on or off while reconstructing (weights always quantized); restored after."""
+    acts = [q for name, q in quantizers(network).items() if ".weight_quantizers." not in name]
+    saved = [q.enabled for q in acts]
+    if not act_quant:
+        for q in acts:
+            q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in zip(acts, saved):
+            q.enabled = enabled

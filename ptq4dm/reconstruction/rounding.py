@@ -1,0 +1,78 @@
+"""Learned quantization during reconstruction: AdaRound's rounding of weights, LSQ's activation step sizes,
+QDrop's random dropping of activation quantization. Each one stands in for a Quantizer (``Quantizer.override``)
+while a unit is optimised, and hands back a plain result afterwards (0/1 rounding decisions, a step size).
+
+AdaRound (Nagel et al. 2020): W_q = s * (clamp(floor(W/s) + h(alpha) + z) - z) with the rectified sigmoid
+h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, alpha initialised so that
+h(alpha) is the fractional part of W/s (the nearest-level rounding's starting point), and the regulariser
+sum(1 - |2h - 1|^b) pulling h to 0 or 1 as b anneals. The values are those of Q-Diffusion's
+qdiff/adaptive_rounding.py:35-36 and 67-71 (see experiments/references/reference_code_facts.md, Q7).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptq4dm.quant.quantizer import Quantizer, fake_quantize_ste
+
+GAMMA, ZETA = -0.1, 1.1
+
+
+class AdaRoundWeight(nn.Module):
+    """The learned rounding of one weight (or one split part of it), on its quantizer's fixed grid."""
+
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "quantizer", quantizer)  # a reference, not a submodule (it points back here)
+        shape = [1] * weight.dim()
+        if quantizer.scale.dim():
+            shape[quantizer.axis] = -1
+        self.register_buffer("scale", quantizer.scale.detach().view(shape).clone())
+        self.register_buffer("zero_point", quantizer.zero_point.detach().view(shape).clone())
+        v = weight.detach().float() * self.scale.reciprocal()  # as the quantizer itself divides
+        self.register_buffer("floor", torch.floor(v))
+        rest = (v - self.floor).clamp(1e-6, 1 - 1e-6)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        up = self.h() if self.soft else (self.alpha >= 0).float()
+        q = self.quantizer.spec
+        return ((torch.clamp(self.floor + up + self.zero_point, q.qmin, q.qmax) - self.zero_point)
+                * self.scale).to(w.dtype)
+
+    def regulariser(self, b: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
+
+    def decisions(self) -> torch.Tensor:
+        """Hard 0/1 rounding (round up where h >= 0.5), what the quantizer keeps (``set_rounding``)."""
+        return (self.alpha.detach() >= 0).to(torch.int8)
+
+
+class LearnedActivation(nn.Module):
+    """An activation quantizer with a learnable step size (LSQ-style, straight-through rounding) and, for QDrop,
+    each value quantized only with probability ``keep`` while training (else passed through in full precision)."""
+
+    def __init__(self, quantizer: Quantizer, learn_scale: bool, keep: float = 1.0):
+        super().__init__()
+        object.__setattr__(self, "quantizer", quantizer)  # a reference, not a submodule (it points back here)
+        self.keep = keep
+        scale = quantizer.scale.detach().clone()
+        self.scale = nn.Parameter(scale) if learn_scale else None
+        self.register_buffer("fixed_scale", scale)
+
+    def step(self) -> torch.Tensor:
+        return self.fixed_scale if self.scale is None else self.scale.abs().clamp_min(1e-8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        if not q.enabled or not q.ready:
+            return x
+        xq = fake_quantize_ste(x, self.step(), q.zero_point, q.spec.qmin, q.spec.qmax)
+        if self.training and self.keep < 1.0:
+            return torch.where(torch.rand_like(x) < self.keep, xq, x)
+        return xq

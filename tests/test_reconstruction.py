@@ -1,0 +1,129 @@
+"""Reconstruction (recon/): every preset runs on a tiny diffusers UNet with every kind of unit, lowers the
+units' output error against the range search alone, and its learned rounding survives save and load exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from hydra import compose, initialize_config_dir
+
+import ptq4dm
+from ptq4dm.calibration import CalibrationRecipe, RangeSearch, Trajectory, Uniform
+from ptq4dm.models import build_noise_scheduler
+from ptq4dm.quant import QuantConfig, load_quantized, quantizers, save_quantized
+from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction, find_units
+from ptq4dm.utils.config import CONF_DIR
+from ptq4dm.utils.targets import build_typed
+from tests.test_run import SMALL
+
+FAST = dict(iters=30, batch_size=8, eval_samples=16)
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+
+
+def _quantize(method, unet=None):
+    unet = unet or tiny_unet()
+    scheduler = build_noise_scheduler()
+    return ptq4dm.quantize(unet, scheduler, QuantConfig(weight_bits=4, act_bits=8),
+                           calibration=CalibrationRecipe(Uniform(), Trajectory(), num_samples=16, batch_size=16),
+                           search=RangeSearch(num_candidates=10, max_values=2048),
+                           sampler=ptq4dm.Sampler(scheduler, "ddim", steps=4), reconstruction=method)
+
+
+@pytest.mark.parametrize("method", [LayerReconstruction(**FAST), BlockReconstruction(**FAST),
+                                    QDropReconstruction(**FAST)], ids=["adaround", "brecq", "qdrop"])
+def test_each_preset_lowers_its_units_output_error(method):
+    qnet, report = _quantize(method)
+    units = report.reconstruction
+    kinds = {u.kind for u in units}
+    if method.granularity == "block":
+        assert kinds >= {"ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding", "layer"}
+    else:
+        assert kinds == {"layer"}
+    before, after = sum(u.loss_before for u in units), sum(u.loss_after for u in units)
+    improved = sum(u.loss_after < u.loss_before for u in units)
+    assert after < before and improved >= 0.75 * len(units), [(u.unit, u.loss_before, u.loss_after) for u in units]
+    learned = [q for name, q in quantizers(qnet).items() if ".weight_quantizers." in name and q.rounding.numel()]
+    assert learned and all(set(q.rounding.unique().tolist()) <= {0, 1} for q in learned)
+    assert "reconstruction_seconds" in report.timings
+
+
+def test_units_are_outermost_blocks_in_execution_order():
+    from ptq4dm.quant.api import execution_order, quantize_
+    from ptq4dm.utils.precision import denoiser
+
+    unet = tiny_unet()
+    order = execution_order(unet, denoiser(unet), torch.randn(1, 3, 8, 8), torch.tensor([10]))
+    q = quantize_(copy.deepcopy(unet), QuantConfig())
+    units = find_units(q, order)
+    names = [u.name for u in units]
+    assert names[:3] == ["time_embedding", "conv_in", "down_blocks.0.resnets.0"]
+    assert names[-1] == "conv_out" and names.index("mid_block.resnets.0") < names.index("up_blocks.0.resnets.0")
+    assert not any(n.startswith(m + ".") for n in names for m in names)  # none inside another
+    layers = [l for u in units for l in u.layers]
+    assert len(layers) == len(set(layers)) == sum(1 for m in q.modules() if type(m).__name__ == "QuantLayer")
+
+
+def test_learned_rounding_survives_save_and_load(tmp_path):
+    qnet, _ = _quantize(BlockReconstruction(**FAST))
+    save_quantized(qnet, tmp_path)
+    again = load_quantized(tiny_unet(), tmp_path)
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 400, 999])
+    with torch.no_grad():
+        assert torch.equal(again(x, t).sample, qnet(x, t).sample)
+    nearest = load_quantized(tiny_unet(), tmp_path)
+    for q in quantizers(nearest).values():  # the same ranges with nearest rounding: other outputs
+        q.set_rounding(None)
+    for layer in nearest.modules():
+        if hasattr(layer, "freeze_weight"):
+            layer.freeze_weight()
+    with torch.no_grad():
+        assert not torch.equal(nearest(x, t).sample, qnet(x, t).sample)
+
+
+def test_a_reconstructed_job_reloads_through_evaluate_to_the_same_images(tmp_path, monkeypatch):
+    """recon=adaround through the CLI job; ptq4dm.evaluate quantized=<job> samples exactly its images."""
+    from ptq4dm.evaluate import evaluate
+    from ptq4dm.evaluation import load_shards
+    from ptq4dm.experiment.job import JobFolder
+    from ptq4dm.run import run
+
+    job = tmp_path / "job"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=[*SMALL, "logger=none", f"output_dir={job}", f"fp_cache_dir={tmp_path / 'fp'}",
+                                        "bits=w4a8", "recon=adaround", "recon.method.iters=5",
+                                        "recon.method.batch_size=4", "recon.method.eval_samples=8"])
+        eval_cfg = compose("evaluate", overrides=[f"output_dir={tmp_path / 'eval'}", f"quantized={job}",
+                                                  "sampler.steps=5", "eval.num_samples=8", "eval.batch_size=8",
+                                                  "metrics.kid_subset_size=4", "trainer.enable_progress_bar=false"])
+    results = run(cfg)
+    assert results["axes"]["recon"] == "adaround" and results["reconstruction"]["units"] > 30
+    assert (job / "reconstruction.csv").read_text().startswith("unit,kind,layers,loss_before,loss_after")
+    saved = json.loads((job / "calibration.json").read_text())
+    assert len(saved["reconstruction"]) == results["reconstruction"]["units"]
+    evaluate(eval_cfg)
+    assert torch.equal(load_shards(tmp_path / "eval" / "samples", 8),
+                       load_shards(JobFolder(job).quantized_samples_dir(), 8))
+
+
+def test_recon_presets_compose_and_check_their_values():
+    from ptq4dm.reconstruction import Reconstruction
+
+    for name in ("adaround", "brecq", "qdrop"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("run", overrides=[f"recon={name}", "output_dir=x"])
+        method = build_typed(cfg.recon.method, "recon.method", Reconstruction)
+        assert method.name == name
+    with pytest.raises(ValueError, match=r"recon\.method\.keep=1\.5: allowed is a probability in \(0, 1\]"):
+        QDropReconstruction(keep=1.5)
+    with pytest.raises(ValueError, match=r"recon\.method\.inputs='upstream': allowed is 'quantized'"):
+        BlockReconstruction(inputs="upstream")
