@@ -14,8 +14,9 @@ case $1 in
     cat > "$STATE/queue.sh" <<'Q'
 cd "$STATE/src" && export PYTHONPATH=/tmp/site:$STATE/src PYTHONUNBUFFERED=1
 B="python3 experiments/reconstruction/recon_benchmark.py --out $STATE/recon_h200.json"
-$B quality --bits w4a8 --recon none brecq qdrop adaround --iters 2000
+$B quality --bits w4a8 --recon none brecq qdrop --iters 2000
 $B scaling --iters 100 400
+$B quality --bits w4a8 --recon adaround --iters 2000
 $B quality --bits w8a8 w4a4 --recon none brecq
 echo QUEUE DONE
 Q
