@@ -125,7 +125,7 @@ class UnitReconstruction(Reconstruction):
         target = capture(ctx.fp_network, unit.name, ctx.forward_fp, batches, inputs=False, outputs=True,
                          store_device=ctx.device).output
         n = inputs.size
-        held = torch.arange(min(n, self.eval_samples))
+        held = torch.arange(min(n, self.eval_samples), device=ctx.device)
         layers = [ctx.q_network.get_submodule(name) for name in unit.layers]
         for layer in layers:
             layer.unfreeze_weight()
@@ -140,13 +140,17 @@ class UnitReconstruction(Reconstruction):
         groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}]
         if self.learn_act_scale and acts:
             groups.append({"params": [a.scale for a in acts], "lr": self.act_lr})
-        optimizer = torch.optim.Adam(groups)
+        # fused: one kernel for the whole step on a GPU (the loop is bound by kernel launches, not arithmetic)
+        optimizer = torch.optim.Adam(groups, fused=ctx.device.type == "cuda")
         start = int(self.warmup * self.iters)
         try:
             for a in acts:
                 a.train()
+            # Every iteration's batch drawn at once and moved to the device once: a CPU index per step would
+            # copy to the GPU and wait for it each time, leaving it idle between small kernels.
+            draws = torch.randint(n, (self.iters, min(self.batch_size, n)), generator=generator).to(ctx.device)
             for it in range(self.iters):
-                idx = torch.randint(n, (min(self.batch_size, n),), generator=generator)
+                idx = draws[it]
                 args, kwargs = inputs.batch(idx, ctx.device)
                 with torch.enable_grad(), ctx.autocast():
                     out = _tensor(unit.module(*args, **kwargs))
@@ -177,13 +181,13 @@ class UnitReconstruction(Reconstruction):
 
     @torch.no_grad()
     def _loss(self, module: nn.Module, inputs, target: torch.Tensor, held: torch.Tensor, ctx) -> float:
-        total = 0.0
+        total = torch.zeros((), device=ctx.device)
         for s in range(0, len(held), self.batch_size):
             idx = held[s: s + self.batch_size]
             args, kwargs = inputs.batch(idx, ctx.device)
             with ctx.autocast():
-                total += float(_lp(_tensor(module(*args, **kwargs)), target[idx], self.loss_p)) * len(idx)
-        return total / len(held)
+                total += _lp(_tensor(module(*args, **kwargs)), target[idx], self.loss_p) * len(idx)
+        return float(total) / len(held)
 
 
 class LayerReconstruction(UnitReconstruction):
