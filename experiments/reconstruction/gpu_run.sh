@@ -15,9 +15,10 @@ case $1 in
 cd "$STATE/src" && export PYTHONPATH=/tmp/site:$STATE/src PYTHONUNBUFFERED=1
 B="python3 experiments/reconstruction/recon_benchmark.py --out $STATE/recon_h200.json"
 $B quality --bits w4a8 --recon none brecq qdrop --iters 2000
+$B quality --bits w4a8 --recon brecq --iters 500 --batch-size 128
 $B scaling --iters 100 400
-$B quality --bits w4a8 --recon adaround --iters 2000
-$B quality --bits w8a8 w4a4 --recon none brecq
+for seed in 1 2 3; do $B quality --bits w4a8 --recon brecq --iters 500 --batch-size 128 --seed $seed; done
+$B quality --bits w8a8 w4a4 --recon none brecq --iters 500 --batch-size 128
 echo QUEUE DONE
 Q
     STATE=$STATE setsid nohup bash "$STATE/queue.sh" > "$STATE/queue.log" 2>&1 < /dev/null &

@@ -92,7 +92,7 @@ def quality(args, device) -> None:
     for bits in args.bits:
         w, a = BITS[bits]
         for name in args.recon:
-            key = f"quality/{bits}/{name}/iters{args.iters}/seed{args.seed}"
+            key = f"quality/{bits}/{name}/iters{args.iters}/bs{args.batch_size}/seed{args.seed}"
             if key in load(args.out):
                 continue
             method = None if RECON[name] is None else RECON[name](iters=args.iters, batch_size=args.batch_size)
