@@ -78,13 +78,16 @@ def test_quantized_attention_matches_diffusers_before_calibration():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_qdiffusion_preset_splits_the_skip_concats():
+def test_qdiffusion_preset_splits_the_layers_reading_the_raw_skip_concat_only():
     model = _tiny()
     quantize_(model, recipe_from_config(compose_run("ops=qdiffusion")).quant)
     splits = split_shortcuts_(model, torch.randn(1, 3, 32, 32), torch.tensor([10]))
     up_resnets = [n for n, m in model.named_modules() if ".resnets." in n and n.startswith("up_blocks")
                   and n.count(".") == 3]
-    assert {f"{n}.conv1" for n in up_resnets} <= set(splits)
+    # As Q-Diffusion: the shortcut (nin_shortcut) reads cat([h, skip]) itself and is split; conv1 reads it after
+    # GroupNorm and SiLU and is not.
+    assert set(splits) == {f"{n}.conv_shortcut" for n in up_resnets}
+    assert all(len(model.get_submodule(f"{n}.conv1").input_quantizers) == 1 for n in up_resnets)
     for name, split in splits.items():
         layer = model.get_submodule(name)
         assert len(layer.input_quantizers) == 2 and 0 < split < layer.layer.in_channels

@@ -123,11 +123,14 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
 
 @torch.no_grad()
 def split_shortcuts_(model: nn.Module, *example_args, **example_kwargs) -> dict[str, int]:
-    """Shortcut splitting (Q-Diffusion): separate quantizers for the two halves of each UNet skip concat.
+    """Shortcut splitting (Q-Diffusion): separate quantizers for the two halves of a UNet skip concat, in the
+    layer that reads the raw concatenation.
 
-    In diffusers' up blocks, resnet i takes ``cat([hidden, skip_i])``; its ``conv1`` (after norm and SiLU,
-    which keep the channel order) and ``conv_shortcut`` see that layout. One forward pass on an example input
-    reads the skip widths; returns {layer name: split channel}.
+    In diffusers' up blocks, resnet i takes ``cat([hidden, skip_i])``; only its ``conv_shortcut`` reads that
+    tensor as it is (Q-Diffusion's ``nin_shortcut``/``skip_connection``: qdiff/quant_block.py:328 and 109-110
+    split it, while ``conv1`` at :315, which reads the concat after GroupNorm and SiLU, is not split; see
+    experiments/references/reference_code_facts.md, Q2). One forward pass on an example input reads the skip
+    widths; returns {layer name: split channel}.
     """
     skip_widths: dict[str, list[int]] = {}
 
@@ -148,11 +151,10 @@ def split_shortcuts_(model: nn.Module, *example_args, **example_kwargs) -> dict[
     for block_name, widths in skip_widths.items():
         for i, resnet in enumerate(blocks[block_name].resnets):
             split = resnet.in_channels - widths[i]
-            for attr in ("conv1", "conv_shortcut"):
-                layer = getattr(resnet, attr, None)
-                if isinstance(layer, QuantLayer):
-                    layer.set_split(split)
-                    splits[f"{block_name}.resnets.{i}.{attr}"] = split
+            layer = getattr(resnet, "conv_shortcut", None)
+            if isinstance(layer, QuantLayer):
+                layer.set_split(split)
+                splits[f"{block_name}.resnets.{i}.conv_shortcut"] = split
     return splits
 
 

@@ -16,8 +16,8 @@ class QuantConfig:
     ``weight_bits`` / ``act_bits`` of None leave weights / activations in full precision. ``first_last_bits``
     raises both to at least that width for the first and last quantized layers (8 in the PTQ4DM reference code).
     ``network_input`` also quantizes the input of the layers that read the network's own input x_t (found at
-    calibration; conv_in of a UNet): off by default, as
-    in the PTQ4DM and Q-Diffusion reference code, whose activation quantizers sit on layer outputs. At late
+    calibration; conv_in of a UNet): off by default, as in the PTQ4DM reference code, whose activation
+    quantizers sit on layer outputs (Q-Diffusion's sit on layer inputs and do round x_t). At late
     steps x_t differs from the image by noise smaller than an 8-bit step over its range, so rounding it
     erases what the network must predict. ``exclude`` holds
     fnmatch patterns of module names left in full precision. ``sampler_outputs`` lists the sampler quantities
