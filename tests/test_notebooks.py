@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+
 COMMITTED = REPO / "notebooks" / "figures"
 
 
 def test_notebooks_regenerate_every_committed_figure(tmp_path):
-    env = {**__import__("os").environ, "PTQ4DM_FIGURES": str(tmp_path), "MPLBACKEND": "Agg"}
-    subprocess.run([sys.executable, str(REPO / "notebooks" / "run_notebooks.py")], check=True, env=env, timeout=1200)
+    env = {**os.environ, "PTQ4DM_FIGURES": str(tmp_path), "MPLBACKEND": "Agg"}
+    subprocess.run([sys.executable, str(REPO / "notebooks" / "run_notebooks.py")], check=True, env=env,
+                   timeout=SUBPROCESS_TIMEOUT)
     made = {p.name for p in tmp_path.glob("*.png")}
     committed = {p.name for p in COMMITTED.glob("*.png")}
     assert committed, "no committed figures"

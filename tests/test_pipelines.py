@@ -185,7 +185,7 @@ def test_conditioning_that_does_not_fit_the_unet_names_the_key(class_latent_pipe
 def test_latent_models_refuse_image_calibration_sources_before_sampling(class_latent_pipeline, tmp_path):
     cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "model=pipeline", f"model.pretrained={class_latent_pipeline}",
            "calib=forward_ts", "logger=none", f"hydra.run.dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode != 0 and "calib=forward_ts feeds real images, which a latent model" in proc.stderr
     assert not (tmp_path / "fp").exists()  # stopped before any sampling
 
@@ -203,7 +203,7 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
     # ops=qdiffusion: shortcut splitting and attention matmuls for the UNet; the decoder has no skips to split
     cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, *model_args, "ops=qdiffusion", "ops.decoder=true",
            "logger=none", f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(io.StringIO((job / "ranges.csv").read_text())))
     vae_rows = [r for r in rows if r["quantizer"].startswith("vae.decoder.")]
@@ -218,12 +218,12 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
     run = tmp_path / "eval"
     cmd = [sys.executable, "-m", "ptq4dm.evaluate", *model_args, f"quantized={job}", "trainer.enable_progress_bar=false",
            f"hydra.run.dir={run}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(load_shards(run / "samples", 8), load_shards(JobFolder(job).quantized_samples_dir(), 8))
 
     cmd = [sys.executable, "-m", "ptq4dm.evaluate", f"quantized={job}", f"hydra.run.dir={tmp_path / 'eval2'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     # refused before loading: the checkpoint records the model it was calibrated on
     assert proc.returncode != 0 and "was calibrated on model='pipeline'" in proc.stderr
     assert "model=tiny_cifar10" in proc.stderr
@@ -232,7 +232,7 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
 def test_ops_decoder_on_a_pixel_model_is_refused_before_sampling(tmp_path):
     cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "ops.decoder=true", "logger=none",
            f"hydra.run.dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode != 0 and "ops.decoder=true: model=tiny_cifar10 samples pixels" in proc.stderr
     assert not (tmp_path / "fp").exists()
 

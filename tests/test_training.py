@@ -7,7 +7,7 @@ import torch
 
 from ptq4dm.models import build_noise_scheduler, build_unet, load_diffusion_model
 from ptq4dm.training import DiffusionTraining
-from tests.conftest import REPO, synthetic_images
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT, synthetic_images
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
@@ -44,11 +44,11 @@ def test_train_cli_runs_resumes_and_exports(image_folder_root, tmp_path):
     common = [sys.executable, "-m", "ptq4dm.train", f"data.root={image_folder_root}", "train.batch_size=8",
               "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", "train.compile=false"]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    subprocess.run(common + ["trainer.max_steps=3"], check=True, cwd=REPO, env=env, timeout=600)
+    subprocess.run(common + ["trainer.max_steps=3"], check=True, cwd=REPO, env=env, timeout=SUBPROCESS_TIMEOUT)
     first = json.loads((run_dir / "train_summary.json").read_text())
     assert first["images_seen"] == 24 and first["steps"] == 3
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    subprocess.run(common + ["trainer.max_steps=5"], check=True, cwd=REPO, env=env, timeout=600)
+    subprocess.run(common + ["trainer.max_steps=5"], check=True, cwd=REPO, env=env, timeout=SUBPROCESS_TIMEOUT)
     second = json.loads((run_dir / "train_summary.json").read_text())
     assert second["images_seen"] == 40 and second["steps"] == 5  # resumed from last.ckpt, not restarted
     model = load_diffusion_model(run_dir / "model")
