@@ -2,6 +2,9 @@
 # recon_benchmark.py on a lent GPU, as a background queue that outlives each (10-minute) call:
 #   bash experiments/reconstruction/gpu_run.sh start   # install the carried wheels (.whl), snapshot the code, start
 #   bash experiments/reconstruction/gpu_run.sh poll S  # wait up to S seconds, then copy the results into $OUT
+# The machine goes back 30 s after a call ends and takes the queue with it: follow 'start' with 'poll' at once,
+# every time (a slow turn between calls lost a queue on 2026-12-03). Where one call's 10 minutes suffice, run
+# recon_benchmark.py directly with --out under $OUT instead.
 set -uo pipefail
 STATE=${STATE:-/root/recon_gpu}
 OUT=${OUT:-/tmp/out}
