@@ -24,7 +24,7 @@ from torch import nn
 
 from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.calibration.search import RangeChoice, RangeSearch, calibrate_, describe_quantizer
-from ptq4dm.quant.api import CONV_KINDS, quantize_, quantizers, trace
+from ptq4dm.quant.api import CONV_KINDS, attention_projections, quantize_, quantizers, trace
 from ptq4dm.quant.config import QuantConfig
 from ptq4dm.quant.modules import QuantLayer
 from ptq4dm.reconstruction.methods import Reconstruction, ReconstructionContext, UnitReport
@@ -141,6 +141,8 @@ def full_precision(network: nn.Module, order: list[str]) -> list[FullPrecision]:
     """Every weight layer, and every placed quantizer, that computes in full precision, with the reason."""
     config: QuantConfig | None = getattr(network, "quant_config", None)
     executed = set(order)
+    projections = attention_projections(network) if config is not None and not config.attention_projections \
+        else set()
     rows = []
     for name, m in network.named_modules():
         if isinstance(m, QuantLayer) or any(isinstance(p, QuantLayer) for p in _parents(network, name)):
@@ -151,6 +153,8 @@ def full_precision(network: nn.Module, order: list[str]) -> list[FullPrecision]:
         if isinstance(m, (*CONV_KINDS, nn.Linear)):
             if config is not None and any(_matches(name, p) for p in config.exclude):
                 reason = "excluded by ops.exclude"
+            elif name in projections:
+                reason = "attention projection (ops.attention_projections=false)"
             elif config is not None and not (config.conv if isinstance(m, CONV_KINDS) else config.linear):
                 reason = f"ops.{'conv' if isinstance(m, CONV_KINDS) else 'linear'}=false"
             else:

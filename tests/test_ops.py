@@ -108,3 +108,67 @@ def test_bits_presets(preset):
     quant = recipe_from_config(cfg).quant
     w, a = preset[1], preset[3:]
     assert quant.weight_bits == int(w) and quant.act_bits == (None if a == "32" else int(a))
+
+
+def test_ptq4dm_reference_preset_places_quantizers_as_the_reference_code():
+    """ops=ptq4dm_reference (reference_code_facts.md P1-P5): quantizers on layer outputs, the network's output
+    unquantized, attention projections in full precision, symmetric grids, 8 bits for the first and last
+    registered weights and the second-to-last registered activation quantizer."""
+    from ptq4dm.api import as_denoiser
+    from ptq4dm.calibration import calibrate_
+    from ptq4dm.calibration.calibset import CalibrationSet
+
+    model = _tiny()
+    recipe = recipe_from_config(compose_run("ops=ptq4dm_reference", "bits=w4a8", "bits.act=4"))
+    assert recipe.method.search.act_ema == 0.1
+    quantize_(model, recipe.quant)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+    names = [n for n, _ in layers]
+    projections = {n for n, m in _tiny().named_modules() if isinstance(m, nn.Linear) and ".attentions." in n}
+    assert projections and not projections & set(names)
+    assert set(names) == _originals(_tiny()) - projections
+    assert all(not m.input_quantizers and len(m.output_quantizers) == 1 for _, m in layers)
+    assert all(m.weight_quantizers[0].spec.symmetric and m.output_quantizers[0].spec.symmetric for _, m in layers)
+    weight_bits = {n: m.weight_quantizers[0].spec.bits for n, m in layers}
+    act_bits = {n: m.output_quantizers[0].spec.bits for n, m in layers}
+    assert {n for n, b in weight_bits.items() if b == 8} == {names[0], names[-1]}
+    assert {n for n, b in act_bits.items() if b == 8} == {names[-2]}
+    assert names[-1] == "conv_out" and model.quant_output_layer == "conv_out"
+
+    calib = CalibrationSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 300, 600, 999]), torch.zeros(4))
+    ranges = calibrate_(model, as_denoiser(model), calib, recipe.method.search, 2, progress=False)
+    assert not model.conv_out.output_quantizers[0].enabled
+    assert "network's output" in model.conv_out.output_quantizers[0].fp_reason
+    assert ("conv_in", "output") in {(r.quantizer, r.tensor) for r in ranges}
+    assert all(m.output_quantizers[0].ready for n, m in layers if n != "conv_out")
+
+
+def test_running_ranges_blend_each_batch_search_with_the_upstream_quantizers_on():
+    """RangeSearch.act_ema: weights first, then batch by batch each activation quantizer searches what it sees
+    (already quantized upstream) and keeps running = m * found + (1 - m) * running."""
+    from ptq4dm.calibration import RangeSearch, calibrate_
+    from ptq4dm.calibration.calibset import CalibrationSet
+    from ptq4dm.calibration.search import search_range
+    from ptq4dm.quant import QuantConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    config = QuantConfig(weight_bits=8, act_bits=4, act_placement="output", first_last_bits=None)
+    quantize_(net, config)
+    search = RangeSearch(num_candidates=10, max_values=4096, act_ema=0.25)
+    x = torch.randn(4, 8) * torch.tensor([1.0, 1.0, 3.0, 3.0])[:, None]
+    seen = []
+    net[1].register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].clone()))
+    calibrate_(net, lambda x, t, cond: net(x), CalibrationSet(x, torch.zeros(4), torch.zeros(4)), search, 2,
+               progress=False)
+    q = net[0].output_quantizers[0]
+    # the first layer's outputs before rounding, batch by batch, computed with its quantized weight
+    outputs = [nn.functional.linear(b, net[0].quantized_weight(), net[0].layer.bias) for b in (x[:2], x[2:])]
+    found = [search_range(y.reshape(1, -1), y.min().reshape(1), y.max().reshape(1), q, search.metric,
+                          search.num_candidates, search.independent_ends)[:2] for y in outputs]
+    (lo1, hi1), (lo2, hi2) = found
+    torch.testing.assert_close(q.lo, (0.25 * lo2 + 0.75 * lo1).reshape(q.lo.shape))
+    torch.testing.assert_close(q.hi, (0.25 * hi2 + 0.75 * hi1).reshape(q.hi.shape))
+    # what the second layer saw was already on the first one's 4-bit grid (16 levels at most per batch)
+    assert all(len(s.unique()) <= 16 for s in seen)
+    assert not net[1].output_quantizers[0].enabled  # the network's output (last registered layer)

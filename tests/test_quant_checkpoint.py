@@ -40,3 +40,21 @@ def test_a_checkpoint_for_another_network_is_refused(tmp_path):
     other = build_unet((32, 64, 64, 64), 8, layers_per_block=1).eval()
     with pytest.raises(ValueError, match="does not fit this network"):
         load_quantized(other, tmp_path)
+
+
+def test_the_reference_placement_round_trips_too(tmp_path):
+    """Output quantizers, running ranges, registration-order edges (ops=ptq4dm_reference) survive save and load."""
+    torch.manual_seed(0)
+    fp = build_unet((32, 64, 64, 64), 8).eval()
+    config = QuantConfig(weight_bits=4, act_bits=8, weight_symmetric=True, act_symmetric=True,
+                         act_placement="output", edge_rule="registered", attention_projections=False)
+    q = quantize_(copy.deepcopy(fp), config)
+    calib = CalibrationSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 300, 600, 999]), torch.zeros(4))
+    calibrate_(q, as_denoiser(q), calib, RangeSearch(num_candidates=10, max_values=2048, act_ema=0.1), 2,
+               progress=False)
+    save_quantized(q, tmp_path)
+    reloaded = load_quantized(copy.deepcopy(fp), tmp_path)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 950])
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t).sample, q(x, t).sample)
+    assert not reloaded.conv_out.output_quantizers[0].ready  # the network output stays unquantized

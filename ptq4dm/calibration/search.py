@@ -36,8 +36,15 @@ class RangeSearch:
     weight_metric: RangeMetric = field(default_factory=ByBitWidth)
     max_values: int = 65536  # values per activation quantizer kept for scoring
     independent_ends: bool = True  # asymmetric grids: refine lo and hi separately after the joint shrink
+    # None: observe every batch in full precision, then search once. A momentum m: the PTQ4DM reference code's
+    # way (QDrop/quant/quant_layer.py:107-120, set_act_quantize_params.py:8-47): weights quantized first, then
+    # batch by batch, with every quantizer on, each activation quantizer searches the batch it sees and keeps
+    # running = m * found + (1 - m) * running (0.1 there), quantizing with the running range in the same pass.
+    act_ema: float | None = None
 
     def __post_init__(self):
+        if self.act_ema is not None and not 0 < self.act_ema <= 1:
+            raise ValueError(f"act_ema={self.act_ema}: allowed is null or a momentum in (0, 1]")
         if self.num_candidates < 1:
             raise ValueError(f"metric.num_candidates={self.num_candidates}: allowed is 1 or more")
         if self.max_values < 16:
@@ -97,7 +104,7 @@ def _best_candidates(x: torch.Tensor, cand_lo: torch.Tensor, cand_hi: torch.Tens
 
 def describe_quantizer(name: str) -> tuple[str, str]:
     """'up.0.conv1.input_quantizers.1' -> ('up.0.conv1', 'input[1]')."""
-    for kind in ("weight_quantizers", "input_quantizers"):
+    for kind in ("weight_quantizers", "input_quantizers", "output_quantizers"):
         marker = f".{kind}."
         if marker in name:
             layer, part = name.split(marker)
@@ -129,6 +136,13 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
         x, t, cond = next(calibration.batches(1, device))
         keep_fp = {f"{n}.input_quantizers.{i}" for n in layers_reading_input(network, forward, x, t, cond)
                    for i in range(len(layers[n].input_quantizers))}
+    fp_reasons = dict.fromkeys(keep_fp, "reads the network's own input x_t (ops.network_input=false)")
+    output_layer = getattr(network, "quant_output_layer", None)
+    if output_layer is not None and output_layer in layers and layers[output_layer].output_quantizers:
+        name = f"{output_layer}.output_quantizers.0"
+        keep_fp.add(name)
+        fp_reasons[name] = "the network's output (quantizers on layer outputs leave it unquantized, as the " \
+                           "PTQ4DM reference code)"
     weight_quantizers = {f"{n}.weight_quantizers.{i}": (m, i, q) for n, m in layers.items()
                          for i, q in enumerate(m.weight_quantizers)}
     act_quantizers = {n: q for n, q in network.named_modules()
@@ -140,26 +154,29 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
     for layer in layers.values():
         layer.unfreeze_weight()
 
-    for i, (name, q) in enumerate(act_quantizers.items()):
-        q.observer = ValueSample(search.max_values, seed=i, name=name)
-    try:
-        for x, t, cond in tqdm(calibration.batches(batch_size, device), desc="calibration statistics",
-                               total=calibration.num_batches(batch_size), disable=not progress, leave=False):
-            forward(x, t, cond)
-    finally:
-        observers = {n: q.observer for n, q in act_quantizers.items()}
-        for q in act_quantizers.values():
-            q.observer = None
+    batches = lambda desc: tqdm(calibration.batches(batch_size, device), desc=desc,  # noqa: E731
+                                total=calibration.num_batches(batch_size), disable=not progress, leave=False)
+    if search.act_ema is None:
+        for i, (name, q) in enumerate(act_quantizers.items()):
+            q.observer = ValueSample(search.max_values, seed=i, name=name)
+        try:
+            for x, t, cond in batches("calibration statistics"):
+                forward(x, t, cond)
+        finally:
+            observers = {n: q.observer for n, q in act_quantizers.items()}
+            for q in act_quantizers.values():
+                q.observer = None
+        todo = [(n, "act") for n in act_quantizers] + [(n, "weight") for n in weight_quantizers]
+    else:
+        todo = [(n, "weight") for n in weight_quantizers]  # activations below, with the weights quantized
 
     choices = []
-    todo = [(n, "act") for n in act_quantizers] + ([(n, "weight") for n in weight_quantizers])
     for name, kind in tqdm(todo, desc="range search", disable=not progress, leave=False):
         if kind == "act":
             q, obs = act_quantizers[name], observers[name]
             if obs.min is None or name in keep_fp:  # never called (an unused branch), or x_t: full precision
                 q.enabled = False
-                q.fp_reason = "reads the network's own input x_t (ops.network_input=false)" if name in keep_fp \
-                    else "never called during calibration"
+                q.fp_reason = fp_reasons.get(name, "never called during calibration")
                 continue
             x, xmin, xmax = obs.values(), obs.min, obs.max
             metric = search.metric
@@ -180,7 +197,68 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
             observed_lo=float(xmin.min()), observed_hi=float(xmax.max()),
             score=None if score is None else float(score.mean()),
             minmax_score=None if base is None else float(base.mean())))
+    if search.act_ema is not None:
+        choices = _running_activation_ranges(act_quantizers, keep_fp, fp_reasons, search, forward,
+                                             batches("calibration (running ranges)")) + choices
     for layer in layers.values():
         layer.freeze_weight()
     network.calibration_seconds = time.perf_counter() - started
+    return choices
+
+
+class RunningRange:
+    """Stands in for an activation quantizer during the reference-style calibration: searches the range of
+    each tensor it is given, blends it into a running range, and quantizes with that running range."""
+
+    def __init__(self, quantizer: Quantizer, search: RangeSearch, seed: int):
+        self.quantizer, self.search = quantizer, search
+        self.metric = search.metric.for_spec(quantizer.spec)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.lo = self.hi = self.observed_lo = self.observed_hi = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().float().reshape(1, -1)
+        xmin, xmax = rows.amin(dim=1), rows.amax(dim=1)
+        if rows.shape[1] > self.search.max_values:  # a bounded random subset is scored, as in the default search
+            pick = torch.randint(rows.shape[1], (self.search.max_values,), generator=self.generator)
+            rows = rows[:, pick.to(rows.device)]
+        lo, hi, _, _ = search_range(rows, xmin, xmax, self.quantizer, self.metric, self.search.num_candidates,
+                                    self.search.independent_ends)
+        m = self.search.act_ema
+        first = self.lo is None
+        self.lo = lo if first else m * lo + (1 - m) * self.lo
+        self.hi = hi if first else m * hi + (1 - m) * self.hi
+        self.observed_lo = xmin if first else torch.minimum(self.observed_lo, xmin)
+        self.observed_hi = xmax if first else torch.maximum(self.observed_hi, xmax)
+        return self.quantizer.quantize_with(x.float(), self.lo, self.hi).to(x.dtype)
+
+
+def _running_activation_ranges(act_quantizers: dict[str, Quantizer], keep_fp: set[str], fp_reasons: dict,
+                               search: RangeSearch, forward, batches) -> list[RangeChoice]:
+    """Activation ranges the PTQ4DM reference's way (RangeSearch.act_ema): one pass over the calibration
+    batches with every quantizer on, each activation quantizer replaced by a RunningRange."""
+    running = {}
+    for i, (name, q) in enumerate(act_quantizers.items()):
+        if name in keep_fp:
+            q.enabled, q.fp_reason = False, fp_reasons[name]
+        else:
+            running[name] = RunningRange(q, search, seed=i)
+            q.set_override(running[name])
+    try:
+        for x, t, cond in batches:
+            forward(x, t, cond)
+    finally:
+        for name in running:
+            act_quantizers[name].set_override(None)
+    choices = []
+    for name, r in running.items():
+        q = act_quantizers[name]
+        if r.lo is None:
+            q.enabled, q.fp_reason = False, "never called during calibration"
+            continue
+        q.set_range(r.lo, r.hi)
+        layer_name, tensor = describe_quantizer(name)
+        choices.append(RangeChoice(quantizer=layer_name, tensor=tensor, bits=q.spec.bits, lo=float(r.lo.min()),
+                                   hi=float(r.hi.max()), observed_lo=float(r.observed_lo.min()),
+                                   observed_hi=float(r.observed_hi.max()), score=None, minmax_score=None))
     return choices

@@ -114,12 +114,16 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         value = bits[key]
         if value is not None and (not isinstance(value, int) or not 2 <= value <= 16):
             raise ValueError(f"bits.{key}={value!r}: allowed are whole numbers from 2 to 16, or null (full precision)")
+    symmetric = ops.symmetric  # an ops preset that fixes the grids (ptq4dm_reference) overrides bits/
     quant = QuantConfig(
-        weight_bits=bits.weight, act_bits=bits.act, weight_symmetric=bits.weight_symmetric,
-        weight_per_channel=bits.weight_per_channel, act_symmetric=bits.act_symmetric, conv=ops.conv,
+        weight_bits=bits.weight, act_bits=bits.act,
+        weight_symmetric=bits.weight_symmetric if symmetric is None else symmetric,
+        weight_per_channel=bits.weight_per_channel,
+        act_symmetric=bits.act_symmetric if symmetric is None else symmetric, conv=ops.conv,
         linear=ops.linear, attn_matmul=ops.attn_matmul, first_last_bits=ops.first_last_bits,
         network_input=ops.network_input, shortcut_split=ops.shortcut_split, exclude=tuple(ops.exclude),
-        sampler_outputs=tuple(ops.sampler_outputs))
+        sampler_outputs=tuple(ops.sampler_outputs), act_placement=ops.act_placement, edge_rule=ops.edge_rule,
+        attention_projections=ops.attention_projections)
     check_sampler_outputs(quant.sampler_outputs, sampler)
     calibration = CalibrationRecipe(
         timesteps=build_typed(cfg.calib.timesteps, "calib.timesteps", TimestepDistribution),
@@ -130,7 +134,8 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     search = RangeSearch(metric=build_typed(cfg.metric.fn, "metric.fn", RangeMetric),
                          num_candidates=cfg.metric.num_candidates,
                          weight_metric=build_typed(cfg.weight_metric.fn, "weight_metric.fn", RangeMetric),
-                         max_values=cfg.metric.max_values, independent_ends=cfg.metric.independent_ends)
+                         max_values=cfg.metric.max_values, independent_ends=cfg.metric.independent_ends,
+                         act_ema=ops.act_range_ema)
     reconstruction = None if cfg.recon.method is None else \
         build_typed(cfg.recon.method, "recon.method", Reconstruction)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", T) if cfg.calib.sampler else sampler

@@ -115,6 +115,11 @@ class OpsConfig:
     exclude: List[str] = field(default_factory=list)
     sampler_outputs: List[str] = field(default_factory=list)
     decoder: bool = False
+    act_placement: str = "input"
+    edge_rule: str = "executed"
+    attention_projections: bool = True
+    symmetric: Optional[bool] = None
+    act_range_ema: Optional[float] = None
 
 
 @dataclass

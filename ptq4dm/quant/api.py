@@ -24,8 +24,18 @@ CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
 def quantizable_layers(model: nn.Module, config: QuantConfig) -> list[str]:
     """Names of the Conv1d/Conv2d/ConvTranspose2d/Linear layers the config quantizes, in registration order."""
     kinds = tuple(k for group, on in ((CONV_KINDS, config.conv), ((nn.Linear,), config.linear)) if on for k in group)
+    projections = set() if config.attention_projections else attention_projections(model)
     return [name for name, m in model.named_modules()
-            if kinds and isinstance(m, kinds) and not any(fnmatch.fnmatch(name, p) for p in config.exclude)]
+            if kinds and isinstance(m, kinds) and name not in projections
+            and not any(fnmatch.fnmatch(name, p) for p in config.exclude)]
+
+
+def attention_projections(model: nn.Module) -> set[str]:
+    """The q/k/v/output projection layers of diffusers attention blocks (any layer inside a module with a
+    ``to_q`` and an attention processor)."""
+    blocks = [name for name, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "to_q")]
+    return {name for name, m in model.named_modules() if isinstance(m, (*CONV_KINDS, nn.Linear))
+            and any(name.startswith(f"{b}.") for b in blocks)}
 
 
 @dataclass
@@ -103,14 +113,23 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("model is already quantized")
     names = quantizable_layers(model, config)
-    if not config.first_last_bits:
+    weight_edges = act_edges = set()
+    if config.first_last_bits and config.edge_rule == "registered" and names:
+        # The PTQ4DM reference's rule: the first and last registered weight quantizers and the second-to-last
+        # registered activation quantizer (its comment says "the last layer's input", which with quantizers on
+        # layer outputs that one is only when the last two layers run in sequence).
+        weight_edges, act_edges = {names[0], names[-1]}, set(names[-2:-1])
+        edges = weight_edges | act_edges
+    elif config.first_last_bits:
+        edges = edge_layers(names, traced) if edges is None else edges
+        weight_edges = act_edges = edges
+    else:
         edges = set()
-    elif edges is None:
-        edges = edge_layers(names, traced)
     for name in names:
-        bits = config.first_last_bits if name in edges else None
         layer = model.get_submodule(name)
-        _set_submodule(model, name, QuantLayer(layer, config.weight_spec(bits), config.act_spec(bits)))
+        _set_submodule(model, name, QuantLayer(
+            layer, config.weight_spec(config.first_last_bits if name in weight_edges else None),
+            config.act_spec(config.first_last_bits if name in act_edges else None), act_on=config.act_placement))
     if config.attn_matmul:
         for name, m in model.named_modules():
             if hasattr(m, "set_processor") and hasattr(m, "to_q") \
@@ -118,7 +137,21 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
                 m.set_processor(QuantAttnProcessor(config.act_spec()))
     model.quant_config = config
     model.quant_edges = sorted(edges)
+    model.quant_output_layer = network_output_layer(names, traced, config)
     return model
+
+
+def network_output_layer(names: list[str], traced: Trace | None, config: QuantConfig) -> str | None:
+    """With quantizers on layer outputs, the layer whose output is the network's (left unquantized): the last
+    registered one under ``edge_rule="registered"`` (the reference's disable_network_output_quantization), else
+    the last executed one."""
+    if config.act_placement != "output" or not names:
+        return None
+    if config.edge_rule == "registered" or traced is None:
+        return names[-1]
+    position = {name: i for i, name in enumerate(traced.order)}
+    executed = [n for n in names if n in position]
+    return max(executed, key=position.__getitem__) if executed else names[-1]
 
 
 @torch.no_grad()

@@ -22,6 +22,14 @@ class QuantConfig:
     erases what the network must predict. ``exclude`` holds
     fnmatch patterns of module names left in full precision. ``sampler_outputs`` lists the sampler quantities
     quantized at ``act_bits`` (PTQ4DM Table 1): any of mean, variance, x_prev.
+
+    The PTQ4DM reference code's quantizer (``ops=ptq4dm_reference``) differs in three placement choices:
+    ``act_placement="output"`` puts the activation quantizer on each layer's output instead of its input (the
+    network's own output stays unquantized; QDrop/quant/quant_layer.py:365-380 and quant_model.py:104-109 there);
+    ``edge_rule="registered"`` picks the layers raised to ``first_last_bits`` by registration order, weights of the
+    first and last registered layers and the activation quantizer second to last (quant_model.py:75-86), instead
+    of the first and last executed layers; ``attention_projections=False`` leaves the q/k/v/out projections of
+    attention blocks in full precision, as its Conv1d qkv/proj_out were never replaced (quant_model.py:33-46).
     """
 
     weight_bits: int | None = 8
@@ -37,8 +45,17 @@ class QuantConfig:
     shortcut_split: bool = False
     exclude: tuple[str, ...] = ()
     sampler_outputs: tuple[str, ...] = field(default_factory=tuple)
+    act_placement: str = "input"
+    edge_rule: str = "executed"
+    attention_projections: bool = True
 
     def __post_init__(self):
+        for key, allowed in (("act_placement", ("input", "output")), ("edge_rule", ("executed", "registered"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: allowed are {list(allowed)}")
+        if self.act_placement == "output" and (self.shortcut_split or self.network_input):
+            raise ValueError("act_placement='output' quantizes layer outputs: shortcut_split and network_input, "
+                             "which concern layer inputs, must be false")
         for key in ("weight_bits", "act_bits", "first_last_bits"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or not 2 <= value <= 16):

@@ -29,12 +29,20 @@ def input_axis(layer: nn.Module) -> int:
 
 
 class QuantLayer(nn.Module):
-    def __init__(self, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None, split: int = 0):
+    """``act_on="input"`` (the default) quantizes the layer's input; ``"output"`` its output instead, as the
+    PTQ4DM reference code does (``output_quantizers``; no input quantizers then)."""
+
+    def __init__(self, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None, split: int = 0,
+                 act_on: str = "input"):
         super().__init__()
         if not isinstance(layer, LAYER_KINDS):
             raise TypeError(f"QuantLayer wraps {[k.__name__ for k in LAYER_KINDS]}, not {type(layer).__name__}")
-        self.layer, self.weight_spec, self.activation_spec = layer, weight, activation
+        if act_on not in ("input", "output"):
+            raise ValueError(f"act_on={act_on!r}: allowed are 'input' and 'output'")
+        self.layer, self.weight_spec, self.activation_spec, self.act_on = layer, weight, activation, act_on
         self.register_buffer("_frozen_weight", None, persistent=False)  # moves with .to(); not saved
+        self.output_quantizers = nn.ModuleList(
+            [Quantizer(activation, axis=1).to(layer.weight.device)] if activation and act_on == "output" else [])
         self.set_split(split)
 
     @property
@@ -48,6 +56,8 @@ class QuantLayer(nn.Module):
             raise ValueError("shortcut splitting applies to Conv/Linear layers reading a skip concatenation")
         if not 0 <= split < in_channels:
             raise ValueError(f"split={split} outside the layer's {in_channels} input channels")
+        if split and self.act_on == "output":
+            raise ValueError("shortcut splitting separates input quantizers; this layer quantizes its output")
         self.split, parts = split, 2 if split else 1
         out_channels = self.layer.weight.shape[self.out_axis]
         device = self.layer.weight.device  # split after the model moved to its device: follow it
@@ -55,7 +65,8 @@ class QuantLayer(nn.Module):
             [Quantizer(self.weight_spec, out_channels, axis=self.out_axis).to(device) for _ in range(parts)]
             if self.weight_spec else [])
         self.input_quantizers = nn.ModuleList(
-            [Quantizer(self.activation_spec, axis=1).to(device) for _ in range(parts)] if self.activation_spec else [])
+            [Quantizer(self.activation_spec, axis=1).to(device) for _ in range(parts)]
+            if self.activation_spec and self.act_on == "input" else [])
         self._frozen_weight = None
 
     # The weight as the layer computes with it: quantized part by part along the input channels.
@@ -89,7 +100,10 @@ class QuantLayer(nn.Module):
         return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        x = self._by_part(self.input_quantizers, x)
+        y = self._compute(self._by_part(self.input_quantizers, x), output_size)
+        return self.output_quantizers[0](y) if self.output_quantizers else y
+
+    def _compute(self, x: torch.Tensor, output_size) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
         layer = self.layer
         if isinstance(layer, nn.ConvTranspose2d):

@@ -134,7 +134,8 @@ class UnitReconstruction(Reconstruction):
         weights = [AdaRoundWeight(q, layer.weight_part(i)) for layer in layers
                    for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready]
         acts = [LearnedActivation(q, self.learn_act_scale, self.keep) for layer in layers
-                for q in layer.input_quantizers if q.enabled and q.ready] if self.act_quant else []
+                for q in [*layer.input_quantizers, *layer.output_quantizers] if q.enabled and q.ready] \
+            if self.act_quant else []
         for part in [*weights, *acts]:
             part.quantizer.set_override(part)
         groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}]
