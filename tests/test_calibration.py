@@ -293,3 +293,37 @@ def test_kl_scores_every_candidate_and_channel_at_once_as_one_at_a_time():
                                       for c in range(3)]) for k in range(7)])
     torch.testing.assert_close(together, alone)
     assert together.shape == (7, 3) and torch.isfinite(together).all()
+
+
+def test_ndtc_reference_pairs_inputs_and_labels_as_the_reference_code():
+    """calib=ndtc_reference (reference_code_facts.md P6): a drawn k counts steps from the noisiest; the input is
+    the output of step k (the finished sample for the last step) and is labelled k itself."""
+    from ptq4dm.calibration import ReferenceGaussian, ReferenceSingle, ReferenceTrajectory, build_calibration_set
+    from ptq4dm.diffusion import Sampler, seeded_generators
+    from ptq4dm.models import build_noise_scheduler, build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet((32, 64, 64, 64), 8).eval()
+    sampler = Sampler(build_noise_scheduler(), "ddim", steps=6)
+
+    def denoise(x, t):
+        return unet(x, t.expand(len(x))).sample
+
+    class Fixed(ReferenceSingle):
+        def draw(self, n, sampler_timesteps, T, generator):
+            return torch.tensor([0, 2, 5])
+
+    with torch.no_grad():
+        calib = build_calibration_set(denoise, sampler, Fixed(), ReferenceTrajectory(), 3, (3, 32, 32), seed=7,
+                                      batch_size=3, progress=False)
+        for row, k in enumerate([0, 2, 5]):  # the same batch of three trajectories, stopped after k + 1 steps
+            g = seeded_generators(7, [0, 1, 2])
+            x = sampler.sample(denoise, sampler.initial_noise(g, (3, 32, 32), "cpu"), g, num_steps=k + 1)
+            assert torch.equal(calib.x[row], x[row].float())
+    assert calib.t.tolist() == [0, 2, 5]  # the respaced index, not sampler.timesteps[k]
+
+    g = torch.Generator().manual_seed(3)
+    k = ReferenceGaussian(0.4, 0.4).draw(10000, sampler.timesteps, 1000, g)
+    expected = ((torch.randn(10000, generator=torch.Generator().manual_seed(3)) * 0.4 + 0.4) * 6).to(torch.int64)
+    assert torch.equal(k, expected.clamp(0, 5))  # truncated toward zero, then clamped: no draw is lost
+    assert ReferenceSingle(0.5).draw(2, sampler.timesteps, 1000, g).tolist() == [3, 3]

@@ -7,6 +7,7 @@ from ptq4dm.calibration.calibset import (
     ForwardNoised,
     PureNoise,
     RawImages,
+    ReferenceTrajectory,
     Trajectory,
     build_calibration_set,
 )
@@ -21,9 +22,18 @@ from ptq4dm.calibration.range_metrics import (
     RangeMetric,
 )
 from ptq4dm.calibration.search import RangeChoice, RangeSearch, calibrate_
-from ptq4dm.calibration.timesteps import Gaussian, RandomSteps, Single, TimestepDistribution, Uniform
+from ptq4dm.calibration.timesteps import (
+    Gaussian,
+    RandomSteps,
+    ReferenceGaussian,
+    ReferenceSingle,
+    Single,
+    TimestepDistribution,
+    Uniform,
+)
 
 __all__ = ["ByBitWidth", "CalibrationRecipe", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
            "LpDistance", "MinMax", "PearsonDistance", "Percentile", "PureNoise", "RandomSteps", "RangeChoice",
-           "RangeMetric", "RangeSearch", "RawImages", "Single", "TimestepDistribution", "Trajectory", "Uniform",
+           "RangeMetric", "RangeSearch", "RawImages", "ReferenceGaussian", "ReferenceSingle",
+           "ReferenceTrajectory", "Single", "TimestepDistribution", "Trajectory", "Uniform",
            "build_calibration_set", "calibrate_"]

@@ -69,6 +69,10 @@ class CalibrationSource:
         """
         raise NotImplementedError
 
+    def labels(self, sampler: Sampler, steps: torch.Tensor) -> torch.Tensor:
+        """The time step each input is fed with: the sampler's own time step at that step (what inference feeds)."""
+        return sampler.timesteps[steps].clone()
+
 
 class Trajectory(CalibrationSource):
     """Inputs from the full-precision model's own denoising trajectories, one trajectory per sample."""
@@ -95,6 +99,48 @@ class Trajectory(CalibrationSource):
                            conditioning=None if conditioning is None else conditioning[idx])
             out[idx] = kept.float().cpu()
         return out
+
+
+class ReferenceTrajectory(CalibrationSource):
+    """The PTQ4DM reference code's NDTC inputs, as its code pairs them (``calib=ndtc_reference``; the paper's
+    text is ``Trajectory``): for a drawn step index k (counted from the noisiest step), the *output* of the
+    sampler's step k, i.e. the state after k + 1 denoising steps from noise (the finished sample for the last
+    step), fed with the label k itself, the respaced index, not the time step inference feeds there.
+
+    42Shawn/PTQ4DM at 613886e, PTQ4DM/improved-diffusion/scripts/quant_image_sample.py:143-161 (``mask = t ==
+    now_rt`` keeps ``sample_t["sample"]``, the step's output; ``_scale_timesteps`` leaves a respaced index as it
+    is); experiments/references/reference_code_facts.md, P6.
+    """
+
+    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
+              conditioning=None):
+        last = len(sampler.timesteps) - 1
+        out = torch.empty(len(steps), *image_shape)
+        order = torch.argsort(steps, stable=True)
+        for s in tqdm(range(0, len(steps), batch_size), desc="calibration trajectories (reference pairing)",
+                      disable=not progress, leave=False):
+            idx = order[s: s + batch_size]
+            want = steps[idx].to(device)
+            generators = seeded_generators(seed, idx.tolist())
+            noise = sampler.initial_noise(generators, image_shape, device)
+            kept = torch.empty(len(idx), *image_shape, device=device)
+
+            def keep(i, t, x, cond=None):  # step i's input is step i - 1's output
+                x = x[-len(idx):]
+                hit = want == i - 1
+                if hit.any():
+                    kept[hit] = x[hit]
+
+            final = sampler.sample(denoise, noise, generators, on_step=keep, num_steps=min(int(want.max()) + 2, last + 1),
+                                   conditioning=None if conditioning is None else conditioning[idx])
+            done = want == last
+            if done.any():
+                kept[done] = final[-len(idx):][done].to(kept.dtype)
+            out[idx] = kept.float().cpu()
+        return out
+
+    def labels(self, sampler, steps):
+        return steps.clone()
 
 
 class ForwardNoised(CalibrationSource):
@@ -167,7 +213,7 @@ def build_calibration_set(denoise: Denoiser, sampler: Sampler, timesteps: Timest
     x = source.build(denoise, sampler, steps, seed, batch_size, device, image_shape, images, progress, **extra)
     if not torch.isfinite(x).all():
         raise FloatingPointError("non-finite calibration inputs")
-    t = sampler.timesteps[steps].clone()
+    t = source.labels(sampler, steps)
     if conditioning is None:
         return CalibrationSet(x=x, t=t, step_index=steps)
     # The very function the sampler feeds the network with, then sample by sample: [u_0, c_0, u_1, c_1, ...]
