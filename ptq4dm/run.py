@@ -264,6 +264,7 @@ def config_digest(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
+    started = time.perf_counter()
     recipe = recipe_from_config(cfg)  # validates every axis before anything heavy happens
     device = metrics_device(cfg.trainer)
     record = job_record(cfg, recipe, device)
@@ -369,6 +370,8 @@ def run(cfg: DictConfig) -> dict:
         log_job(logger, cfg, results, module.ranges, grids, calibration.get("reconstruction") or [])
     finally:
         finish_logger(logger)
+    print(f"job wall time {time.perf_counter() - started:.0f} s (after Python start-up): "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + f"; results in {job.path}")
     return results
 
 
