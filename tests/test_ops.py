@@ -112,16 +112,19 @@ def test_bits_presets(preset):
 
 def test_ptq4dm_reference_preset_places_quantizers_as_the_reference_code():
     """ops=ptq4dm_reference (reference_code_facts.md P1-P5): quantizers on layer outputs, the network's output
-    unquantized, attention projections in full precision, symmetric grids, 8 bits for the first and last
-    registered weights and the second-to-last registered activation quantizer."""
+    unquantized, attention projections in full precision, symmetric grids, 8 bits for the weights of its first
+    and last layers and the activation of its second-to-last, in its registration order, which on its
+    improved-diffusion UNet is the order the layers run (a diffusers UNet registers conv_in first)."""
     from ptq4dm.api import as_denoiser
     from ptq4dm.calibration import calibrate_
     from ptq4dm.calibration.calibset import CalibrationSet
+    from ptq4dm.quant.api import trace
 
-    model = _tiny()
+    model, fp = _tiny(), _tiny()
     recipe = recipe_from_config(compose_run("ops=ptq4dm_reference", "bits=w4a8", "bits.act=4"))
     assert recipe.method.search.act_ema == 0.1
-    quantize_(model, recipe.quant)
+    traced = trace(fp, as_denoiser(fp), torch.randn(1, 3, 32, 32), torch.tensor([10]))
+    quantize_(model, recipe.quant, traced)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
     names = [n for n, _ in layers]
     projections = {n for n, m in _tiny().named_modules() if isinstance(m, nn.Linear) and ".attentions." in n}
@@ -131,9 +134,11 @@ def test_ptq4dm_reference_preset_places_quantizers_as_the_reference_code():
     assert all(m.weight_quantizers[0].spec.symmetric and m.output_quantizers[0].spec.symmetric for _, m in layers)
     weight_bits = {n: m.weight_quantizers[0].spec.bits for n, m in layers}
     act_bits = {n: m.output_quantizers[0].spec.bits for n, m in layers}
-    assert {n for n, b in weight_bits.items() if b == 8} == {names[0], names[-1]}
-    assert {n for n, b in act_bits.items() if b == 8} == {names[-2]}
-    assert names[-1] == "conv_out" and model.quant_output_layer == "conv_out"
+    run = [n for n in traced.order if n in weight_bits]
+    assert run[0] == "time_embedding.linear_1" and run[-1] == "conv_out"  # not conv_in, registered first
+    assert {n for n, b in weight_bits.items() if b == 8} == {"time_embedding.linear_1", "conv_out"}
+    assert {n for n, b in act_bits.items() if b == 8} == {run[-2]} and run[-2].startswith("up_blocks.")
+    assert model.quant_output_layer == "conv_out"
 
     calib = CalibrationSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 300, 600, 999]), torch.zeros(4))
     ranges = calibrate_(model, as_denoiser(model), calib, recipe.method.search, 2, progress=False)
@@ -171,4 +176,4 @@ def test_running_ranges_blend_each_batch_search_with_the_upstream_quantizers_on(
     torch.testing.assert_close(q.hi, (0.25 * hi2 + 0.75 * hi1).reshape(q.hi.shape))
     # what the second layer saw was already on the first one's 4-bit grid (16 levels at most per batch)
     assert all(len(s.unique()) <= 16 for s in seen)
-    assert not net[1].output_quantizers[0].enabled  # the network's output (last registered layer)
+    assert not net[1].output_quantizers[0].enabled  # the network's output (its last layer)

@@ -47,7 +47,7 @@ def test_the_reference_placement_round_trips_too(tmp_path):
     torch.manual_seed(0)
     fp = build_unet((32, 64, 64, 64), 8).eval()
     config = QuantConfig(weight_bits=4, act_bits=8, weight_symmetric=True, act_symmetric=True,
-                         act_placement="output", edge_rule="registered", attention_projections=False)
+                         act_placement="output", edge_rule="reference", attention_projections=False)
     q = quantize_(copy.deepcopy(fp), config)
     calib = CalibrationSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 300, 600, 999]), torch.zeros(4))
     calibrate_(q, as_denoiser(q), calib, RangeSearch(num_candidates=10, max_values=2048, act_ema=0.1), 2,

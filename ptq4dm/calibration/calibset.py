@@ -109,11 +109,16 @@ class ReferenceTrajectory(CalibrationSource):
 
     42Shawn/PTQ4DM at 613886e, PTQ4DM/improved-diffusion/scripts/quant_image_sample.py:143-161 (``mask = t ==
     now_rt`` keeps ``sample_t["sample"]``, the step's output; ``_scale_timesteps`` leaves a respaced index as it
-    is); experiments/references/reference_code_facts.md, P6.
+    is); experiments/references/reference_code_facts.md, P6. The label is the network's time input as given:
+    exact for networks that take t as it is (small_cifar10, ddpm_cifar10); the converted improved-diffusion
+    networks rescale t by 1000/T inside, where the reference's network saw k itself.
     """
 
     def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
               conditioning=None):
+        if sampler.name not in ("ddim", "ddpm"):  # others (PNDM) do not feed step i - 1's output to step i
+            raise ValueError(f"calib=ndtc_reference pairs a step's output with the next step's input: it needs "
+                             f"sampler ddim or ddpm (or calib.sampler set to one), not {sampler.name!r}")
         last = len(sampler.timesteps) - 1
         out = torch.empty(len(steps), *image_shape)
         order = torch.argsort(steps, stable=True)

@@ -224,6 +224,9 @@ class RunningRange:
             rows = rows[:, pick.to(rows.device)]
         lo, hi, _, _ = search_range(rows, xmin, xmax, self.quantizer, self.metric, self.search.num_candidates,
                                     self.search.independent_ends)
+        if self.quantizer.spec.symmetric:  # blend thresholds, as the reference's 1-D symmetric search does
+            t = torch.maximum(lo.abs(), hi.abs())
+            lo, hi = -t, t
         m = self.search.act_ema
         first = self.lo is None
         self.lo = lo if first else m * lo + (1 - m) * self.lo

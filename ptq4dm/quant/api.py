@@ -102,7 +102,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None,
-              edges: set[str] | None = None) -> nn.Module:
+              edges: set[str] | None = None, edge_roles: dict[str, list[str]] | None = None) -> nn.Module:
     """Replace the layers ``config`` selects with QuantLayers (and attention processors), in place.
 
     ``config.first_last_bits`` applies to the network's first and last layers as it executes (``edge_layers``):
@@ -114,17 +114,20 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
         raise ValueError("model is already quantized")
     names = quantizable_layers(model, config)
     weight_edges = act_edges = set()
-    if config.first_last_bits and config.edge_rule == "registered" and names:
-        # The PTQ4DM reference's rule: the first and last registered weight quantizers and the second-to-last
-        # registered activation quantizer (its comment says "the last layer's input", which with quantizers on
-        # layer outputs that one is only when the last two layers run in sequence).
-        weight_edges, act_edges = {names[0], names[-1]}, set(names[-2:-1])
-        edges = weight_edges | act_edges
+    if config.first_last_bits and edge_roles is not None:  # a checkpoint's own choice
+        weight_edges, act_edges = set(edge_roles["weight"]), set(edge_roles["act"])
+    elif config.first_last_bits and edges is not None:
+        weight_edges = act_edges = set(edges)
+    elif config.first_last_bits and config.edge_rule == "reference" and names:
+        # The PTQ4DM reference code's rule: its first and last weight quantizers and its second-to-last
+        # activation quantizer in registration order (quant_model.py:75-86). Its improved-diffusion UNet registers
+        # modules in the order they run (time embedding, input blocks, middle, output blocks, out), whereas
+        # diffusers registers conv_in first and the up blocks before the mid block, so the run order stands in.
+        order = reference_order(names, traced)
+        weight_edges, act_edges = {order[0], order[-1]}, set(order[-2:-1])
     elif config.first_last_bits:
-        edges = edge_layers(names, traced) if edges is None else edges
-        weight_edges = act_edges = edges
-    else:
-        edges = set()
+        weight_edges = act_edges = edge_layers(names, traced)
+    edges = weight_edges | act_edges
     for name in names:
         layer = model.get_submodule(name)
         _set_submodule(model, name, QuantLayer(
@@ -137,21 +140,25 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
                 m.set_processor(QuantAttnProcessor(config.act_spec()))
     model.quant_config = config
     model.quant_edges = sorted(edges)
+    model.quant_edge_roles = {"weight": sorted(weight_edges), "act": sorted(act_edges)}
     model.quant_output_layer = network_output_layer(names, traced, config)
     return model
 
 
+def reference_order(names: list[str], traced: Trace | None) -> list[str]:
+    """``names`` in the order the traced forward runs them (those never run last), else as registered."""
+    if traced is None:
+        return list(names)
+    position = {name: i for i, name in enumerate(traced.order)}
+    return sorted(names, key=lambda n: position.get(n, len(position)))
+
+
 def network_output_layer(names: list[str], traced: Trace | None, config: QuantConfig) -> str | None:
-    """With quantizers on layer outputs, the layer whose output is the network's (left unquantized): the last
-    registered one under ``edge_rule="registered"`` (the reference's disable_network_output_quantization), else
-    the last executed one."""
+    """With quantizers on layer outputs, the layer whose output is the network's, left unquantized (the
+    reference's disable_network_output_quantization): the last one run, or registered when there is no trace."""
     if config.act_placement != "output" or not names:
         return None
-    if config.edge_rule == "registered" or traced is None:
-        return names[-1]
-    position = {name: i for i, name in enumerate(traced.order)}
-    executed = [n for n in names if n in position]
-    return max(executed, key=position.__getitem__) if executed else names[-1]
+    return reference_order(names, traced)[-1]
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
                for part, module in parts.items() if module is not None
                for name, q in quantizers(module).items() for b in _BUFFERS}
     meta = {"quant_config": asdict(config), "edges": getattr(model, "quant_edges", None),
+            "edge_roles": getattr(model, "quant_edge_roles", None),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
             "disabled": _disabled(model), "decoder_disabled": None if decoder is None else _disabled(decoder),
             "source": source or {}}
@@ -104,7 +105,7 @@ def load_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     _check_decoder(path, meta, decoder)
     config = QuantConfig(**meta["quant_config"])
     edges = meta.get("edges")  # None: written before edges were recorded (registration order then)
-    quantize_(model, config, edges=None if edges is None else set(edges))
+    quantize_(model, config, edges=None if edges is None else set(edges), edge_roles=meta.get("edge_roles"))
     if decoder is not None:
         quantize_(decoder, config.for_decoder())
     return _restore(path, meta, tensors, model, extra, decoder)

@@ -26,9 +26,10 @@ class QuantConfig:
     The PTQ4DM reference code's quantizer (``ops=ptq4dm_reference``) differs in three placement choices:
     ``act_placement="output"`` puts the activation quantizer on each layer's output instead of its input (the
     network's own output stays unquantized; QDrop/quant/quant_layer.py:365-380 and quant_model.py:104-109 there);
-    ``edge_rule="registered"`` picks the layers raised to ``first_last_bits`` by registration order, weights of the
-    first and last registered layers and the activation quantizer second to last (quant_model.py:75-86), instead
-    of the first and last executed layers; ``attention_projections=False`` leaves the q/k/v/out projections of
+    ``edge_rule="reference"`` raises to ``first_last_bits`` the weights of its first and last layers and the
+    activation quantizer of its second-to-last layer, in its registration order (quant_model.py:75-86; on its
+    improved-diffusion UNet the first is the time-embedding Linear), for which the order a forward pass runs the
+    layers stands in, instead of the first layer reading x_t and the last layer; ``attention_projections=False`` leaves the q/k/v/out projections of
     attention blocks in full precision, as its Conv1d qkv/proj_out were never replaced (quant_model.py:33-46).
     """
 
@@ -50,7 +51,7 @@ class QuantConfig:
     attention_projections: bool = True
 
     def __post_init__(self):
-        for key, allowed in (("act_placement", ("input", "output")), ("edge_rule", ("executed", "registered"))):
+        for key, allowed in (("act_placement", ("input", "output")), ("edge_rule", ("executed", "reference"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: allowed are {list(allowed)}")
         if self.act_placement == "output" and (self.shortcut_split or self.network_input):
