@@ -77,14 +77,17 @@ class CalibrationSource:
 class Trajectory(CalibrationSource):
     """Inputs from the full-precision model's own denoising trajectories, one trajectory per sample."""
 
+    shift = 0  # keep the input of step k + shift: 0 the step's own input, 1 its output (ReferenceTrajectory)
+
     def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
               conditioning=None):
+        last = len(sampler.timesteps) - 1
         out = torch.empty(len(steps), *image_shape)
         order = torch.argsort(steps, stable=True)  # batches of similar depth stop early together
         for s in tqdm(range(0, len(steps), batch_size), desc="calibration trajectories", disable=not progress,
                       leave=False):
             idx = order[s: s + batch_size]
-            want = steps[idx].to(device)
+            want = steps[idx].to(device) + self.shift
             generators = seeded_generators(seed, idx.tolist())
             noise = sampler.initial_noise(generators, image_shape, device)
             kept = torch.empty(len(idx), *image_shape, device=device)
@@ -95,13 +98,17 @@ class Trajectory(CalibrationSource):
                 if hit.any():
                     kept[hit] = x[hit]
 
-            sampler.sample(denoise, noise, generators, on_step=keep, num_steps=int(want.max()) + 1,
-                           conditioning=None if conditioning is None else conditioning[idx])
+            final = sampler.sample(denoise, noise, generators, on_step=keep,
+                                   num_steps=min(int(want.max()) + 1, last + 1),
+                                   conditioning=None if conditioning is None else conditioning[idx])
+            done = want > last  # the output of the last step: the finished sample (unclipped)
+            if done.any():
+                kept[done] = final[-len(idx):][done].to(kept.dtype)
             out[idx] = kept.float().cpu()
         return out
 
 
-class ReferenceTrajectory(CalibrationSource):
+class ReferenceTrajectory(Trajectory):
     """The PTQ4DM reference code's NDTC inputs, as its code pairs them (``calib=ndtc_reference``; the paper's
     text is ``Trajectory``): for a drawn step index k (counted from the noisiest step), the *output* of the
     sampler's step k, i.e. the state after k + 1 denoising steps from noise (the finished sample for the last
@@ -114,35 +121,13 @@ class ReferenceTrajectory(CalibrationSource):
     networks rescale t by 1000/T inside, where the reference's network saw k itself.
     """
 
-    def build(self, denoise, sampler, steps, seed, batch_size, device, image_shape, images=None, progress=True,
-              conditioning=None):
+    shift = 1
+
+    def build(self, denoise, sampler, steps, *args, **kwargs):
         if sampler.name not in ("ddim", "ddpm"):  # others (PNDM) do not feed step i - 1's output to step i
             raise ValueError(f"calib=ndtc_reference pairs a step's output with the next step's input: it needs "
                              f"sampler ddim or ddpm (or calib.sampler set to one), not {sampler.name!r}")
-        last = len(sampler.timesteps) - 1
-        out = torch.empty(len(steps), *image_shape)
-        order = torch.argsort(steps, stable=True)
-        for s in tqdm(range(0, len(steps), batch_size), desc="calibration trajectories (reference pairing)",
-                      disable=not progress, leave=False):
-            idx = order[s: s + batch_size]
-            want = steps[idx].to(device)
-            generators = seeded_generators(seed, idx.tolist())
-            noise = sampler.initial_noise(generators, image_shape, device)
-            kept = torch.empty(len(idx), *image_shape, device=device)
-
-            def keep(i, t, x, cond=None):  # step i's input is step i - 1's output
-                x = x[-len(idx):]
-                hit = want == i - 1
-                if hit.any():
-                    kept[hit] = x[hit]
-
-            final = sampler.sample(denoise, noise, generators, on_step=keep, num_steps=min(int(want.max()) + 2, last + 1),
-                                   conditioning=None if conditioning is None else conditioning[idx])
-            done = want == last
-            if done.any():
-                kept[done] = final[-len(idx):][done].to(kept.dtype)
-            out[idx] = kept.float().cpu()
-        return out
+        return super().build(denoise, sampler, steps, *args, **kwargs)
 
     def labels(self, sampler, steps):
         return steps.clone()

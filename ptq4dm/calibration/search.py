@@ -154,8 +154,10 @@ def calibrate_(network: nn.Module, forward, calibration: CalibrationSet, search:
     for layer in layers.values():
         layer.unfreeze_weight()
 
-    batches = lambda desc: tqdm(calibration.batches(batch_size, device), desc=desc,  # noqa: E731
-                                total=calibration.num_batches(batch_size), disable=not progress, leave=False)
+    def batches(desc: str):
+        return tqdm(calibration.batches(batch_size, device), desc=desc, total=calibration.num_batches(batch_size),
+                    disable=not progress, leave=False)
+
     if search.act_ema is None:
         for i, (name, q) in enumerate(act_quantizers.items()):
             q.observer = ValueSample(search.max_values, seed=i, name=name)

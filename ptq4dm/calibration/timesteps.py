@@ -26,11 +26,13 @@ class TimestepDistribution:
 class Gaussian(TimestepDistribution):
     """NDTC (PTQ4DM Algorithm 1): t ~ N(mean*T, std*T), rounded down, clamped to [0, T-1], snapped to a step."""
 
+    unit = "T"  # what mean and std are fractions of
+
     def __init__(self, mean: float = 0.4, std: float = 0.4):
         if not 0 <= mean <= 1:
-            raise ValueError(f"calib.timesteps.mean={mean}: allowed is a fraction of T in [0, 1]")
+            raise ValueError(f"calib.timesteps.mean={mean}: allowed is a fraction of {self.unit} in [0, 1]")
         if not std > 0:
-            raise ValueError(f"calib.timesteps.std={std}: allowed is a fraction of T above 0")
+            raise ValueError(f"calib.timesteps.std={std}: allowed is a fraction of {self.unit} above 0")
         self.mean, self.std = mean, std
 
     def draw(self, n, sampler_timesteps, T, generator):
@@ -57,9 +59,11 @@ class RandomSteps(TimestepDistribution):
 class Single(TimestepDistribution):
     """One time step for all samples: ``t`` as a fraction of T, snapped to the nearest sampler step."""
 
+    unit = "T"
+
     def __init__(self, t: float = 0.5):
         if not 0 <= t <= 1:
-            raise ValueError(f"calib.timesteps.t={t}: allowed is a fraction of T in [0, 1]")
+            raise ValueError(f"calib.timesteps.t={t}: allowed is a fraction of {self.unit} in [0, 1]")
         self.t = t
 
     def draw(self, n, sampler_timesteps, T, generator):
@@ -67,18 +71,13 @@ class Single(TimestepDistribution):
         return _nearest_steps(target, sampler_timesteps)
 
 
-class ReferenceGaussian(TimestepDistribution):
+class ReferenceGaussian(Gaussian):
     """The PTQ4DM reference code's draw: k = N(mean, std) * S truncated toward zero and clamped to [0, S - 1],
     S the number of sampler steps, k counted from the noisiest step (it is its sampling loop's counter). So a
     mean of 0.4 lands 40% of the way from noise, at about t = 0.6 T, where ``Gaussian`` lands at 0.4 T.
     42Shawn/PTQ4DM at 613886e, PTQ4DM/improved-diffusion/scripts/quant_image_sample.py:53-56 and :70 (clamped)."""
 
-    def __init__(self, mean: float = 0.4, std: float = 0.4):
-        if not 0 <= mean <= 1:
-            raise ValueError(f"calib.timesteps.mean={mean}: allowed is a fraction of the sampler's steps in [0, 1]")
-        if not std > 0:
-            raise ValueError(f"calib.timesteps.std={std}: allowed is a fraction of the sampler's steps above 0")
-        self.mean, self.std = mean, std
+    unit = "the sampler's steps"
 
     def draw(self, n, sampler_timesteps, T, generator):
         steps = len(sampler_timesteps)
@@ -86,14 +85,11 @@ class ReferenceGaussian(TimestepDistribution):
         return k.to(torch.int64).clamp(0, steps - 1)  # .to(int64) truncates toward zero, as .type(torch.int)
 
 
-class ReferenceSingle(TimestepDistribution):
+class ReferenceSingle(Single):
     """The reference code's single step (its ``manual`` mode, Figure 4): k = t * S for every sample, clamped to
     [0, S - 1], counted from the noisiest step (quant_image_sample.py:49-52 and :70)."""
 
-    def __init__(self, t: float = 0.5):
-        if not 0 <= t <= 1:
-            raise ValueError(f"calib.timesteps.t={t}: allowed is a fraction of the sampler's steps in [0, 1]")
-        self.t = t
+    unit = "the sampler's steps"
 
     def draw(self, n, sampler_timesteps, T, generator):
         steps = len(sampler_timesteps)
