@@ -4,6 +4,9 @@ quality   small_cifar10, W4A8 (and W8A8 when asked), NDTC calibration (1024 samp
           recon preset through ptq4dm.quantize (the calibration engine every job uses): reconstruction wall time,
           the summed per-unit output error before and after, and the images' distance to full precision
           (PSNR, same seeds, DDIM 100) and the noise prediction's relative error on held-out trajectory inputs.
+graphs    the same reconstruction with and without CUDA graphs (recon.method.cuda_graphs): wall time, each unit's
+          error after, and how many learned rounding decisions agree (BRECQ: all of them; QDrop draws its random
+          drops from the graph's own RNG offsets, so its decisions may differ a little).
 scaling   reconstruction wall time of BRECQ against iterations and against model size (tiny, small, and a
           ddpm_cifar10-sized UNet with random weights), 256 calibration samples: how it grows.
 
@@ -12,6 +15,7 @@ call's limit resumes where it stopped.
 
     python experiments/reconstruction/recon_benchmark.py --out recon.json quality --bits w4a8 --recon none brecq
     python experiments/reconstruction/recon_benchmark.py --out recon.json scaling --iters 100 400
+    python experiments/reconstruction/recon_benchmark.py --out recon.json graphs --iters 300
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ptq4dm.diffusion import seeded_generators
 from ptq4dm.experiment.provenance import provenance
 from ptq4dm.models import build_unet, load_diffusion_model
 from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler
+from ptq4dm.quant.api import quantizers
 from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction
 from ptq4dm.utils.io import atomic_write_json
 from ptq4dm.utils.precision import denoiser
@@ -118,6 +123,39 @@ def quality(args, device) -> None:
             del qnet
 
 
+def graphs(args, device) -> None:
+    model = load_diffusion_model("small_cifar10")
+    model.unet.to(device)
+    sampler = ptq4dm.Sampler(model.scheduler, "ddim", steps=100)
+    calibration = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=256, batch_size=256, seed=1234)
+    for name in args.recon:
+        runs = {}
+        for cuda_graphs in (True, False):
+            sync()
+            t0 = time.perf_counter()
+            qnet, report = ptq4dm.quantize(model.unet, model.scheduler, ptq4dm.QuantConfig(weight_bits=4, act_bits=8),
+                                           calibration=calibration, search=RangeSearch(), sampler=sampler,
+                                           reconstruction=RECON[name](iters=args.iters, cuda_graphs=cuda_graphs),
+                                           precision=args.precision)
+            sync()
+            rounding = {k: q.rounding.cpu() for k, q in quantizers(qnet).items() if q.rounding.numel()}
+            runs[cuda_graphs] = (report, time.perf_counter() - t0, rounding)
+            del qnet
+        (rg, tg, dg), (re, te, de) = runs[True], runs[False]
+        same = sum(int((dg[k] == de[k]).sum()) for k in dg)
+        total = sum(v.numel() for v in dg.values())
+        save(args.out, f"graphs/w4a8/{name}/iters{args.iters}", {
+            "iters": args.iters, "units": len(rg.reconstruction), "calibration_samples": 256,
+            "reconstruction_seconds": {"graphs": rg.timings["reconstruction_seconds"],
+                                       "eager": re.timings["reconstruction_seconds"]},
+            "quantize_seconds": {"graphs": tg, "eager": te},
+            "loss_after": {"graphs": sum(u.loss_after for u in rg.reconstruction),
+                           "eager": sum(u.loss_after for u in re.reconstruction)},
+            "max_unit_loss_after_rel_diff": max(abs(a.loss_after - b.loss_after) / max(b.loss_after, 1e-12)
+                                                for a, b in zip(rg.reconstruction, re.reconstruction)),
+            "rounding_decisions_equal": same, "rounding_decisions": total})
+
+
 def scaling(args, device) -> None:
     scheduler = build_noise_scheduler()
     sampler = ptq4dm.Sampler(scheduler, "ddim", steps=100)
@@ -161,13 +199,16 @@ def main() -> None:
     s = sub.add_parser("scaling")
     s.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     s.add_argument("--iters", dest="iters_list", type=int, nargs="+", default=[100, 400])
+    g = sub.add_parser("graphs")
+    g.add_argument("--recon", nargs="+", default=["brecq", "qdrop"], choices=["adaround", "brecq", "qdrop"])
+    g.add_argument("--iters", type=int, default=300)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     results = load(args.out)
     results.setdefault("provenance", provenance(device))
     atomic_write_json(args.out, results)
-    (quality if args.what == "quality" else scaling)(args, device)
+    {"quality": quality, "scaling": scaling, "graphs": graphs}[args.what](args, device)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.quant.api import quantizers
 from ptq4dm.reconstruction.capture import capture
 from ptq4dm.reconstruction.rounding import AdaRoundWeight, LearnedActivation
+from ptq4dm.reconstruction.steps import run_steps
 from ptq4dm.reconstruction.units import BLOCK_TYPES, Unit, find_units
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,8 @@ class UnitReconstruction(Reconstruction):
                  weight_lr: float = 1e-3, act_lr: float = 4e-5, learn_act_scale: bool = False,
                  act_quant: bool = False, keep: float = 1.0, round_weight: float = 0.01, b_start: float = 20.0,
                  b_end: float = 2.0, warmup: float = 0.2, loss_p: float = 2.0, inputs: str = "quantized",
-                 block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0):
+                 block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0,
+                 cuda_graphs: bool = True):
         checks = {"granularity": (granularity in ("block", "layer"), "'block' or 'layer'"),
                   "iters": (isinstance(iters, int) and iters >= 1, "a whole number of 1 or more"),
                   "batch_size": (isinstance(batch_size, int) and batch_size >= 1, "a whole number of 1 or more"),
@@ -101,7 +104,7 @@ class UnitReconstruction(Reconstruction):
         self.act_quant, self.keep, self.round_weight = act_quant, keep, round_weight
         self.b_start, self.b_end, self.warmup, self.loss_p = b_start, b_end, warmup, loss_p
         self.inputs, self.block_types = inputs, tuple(block_types)
-        self.eval_samples, self.seed = eval_samples, seed
+        self.eval_samples, self.seed, self.cuda_graphs = eval_samples, seed, bool(cuda_graphs)
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -141,27 +144,36 @@ class UnitReconstruction(Reconstruction):
         groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}]
         if self.learn_act_scale and acts:
             groups.append({"params": [a.scale for a in acts], "lr": self.act_lr})
-        # fused: one kernel for the whole step on a GPU (the loop is bound by kernel launches, not arithmetic)
-        optimizer = torch.optim.Adam(groups, fused=ctx.device.type == "cuda")
+        # fused: one kernel for Adam's whole update; capturable: its step count stays on the device (CUDA graphs)
+        cuda = ctx.device.type == "cuda"
+        optimizer = torch.optim.Adam(groups, fused=cuda, capturable=cuda)
         start = int(self.warmup * self.iters)
+        regularised = self.round_weight > 0 and bool(weights)
         try:
             for a in acts:
                 a.train()
             # Every iteration's batch drawn at once and moved to the device once: a CPU index per step would
             # copy to the GPU and wait for it each time, leaving it idle between small kernels.
             draws = torch.randint(n, (self.iters, min(self.batch_size, n)), generator=generator).to(ctx.device)
-            for it in range(self.iters):
-                idx = draws[it]
+            idx, b = draws[0].clone(), torch.zeros((), device=ctx.device)  # fixed addresses, refilled each step
+
+            def step(with_regulariser: bool) -> None:
                 args, kwargs = inputs.batch(idx, ctx.device)
                 with torch.enable_grad(), ctx.autocast():
-                    out = _tensor(unit.module(*args, **kwargs))
-                    loss = _lp(out, target[idx], self.loss_p)
-                    if it >= start and self.round_weight > 0 and weights:
-                        b = self.b_start + (self.b_end - self.b_start) * (it - start) / max(self.iters - start, 1)
+                    loss = _lp(_tensor(unit.module(*args, **kwargs)), target[idx], self.loss_p)
+                    if with_regulariser:
                         loss = loss + self.round_weight * sum(w.regulariser(b) for w in weights)
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
+            def prepare(it: int) -> None:
+                idx.copy_(draws[it])
+                b.fill_(self.b_start + (self.b_end - self.b_start) * (it - start) / max(self.iters - start, 1))
+
+            # Two phases (rounding regulariser off, then on), each one step function run for its iterations.
+            phases = [(range(0, start), False), (range(start, self.iters), regularised)]
+            for its, with_regulariser in phases:
+                run_steps(partial(step, with_regulariser), its, prepare, optimizer, graphs=cuda and self.cuda_graphs)
             for a in acts:
                 a.eval()
             for w in weights:
