@@ -7,14 +7,16 @@ The converted network is compared with a reference forward pass written here fro
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ptq4dm.diffusion import Sampler, seeded_generators
+from ptq4dm.diffusion.improved_ddpm import ImprovedDDPMScheduler
 from ptq4dm.models.factory import load_model, model_identity
 from ptq4dm.models.improved_diffusion import (
     ImprovedDiffusionUNet2DModel,
@@ -348,7 +350,8 @@ def _record_step_channels(monkeypatch, scheduler_cls):
     return seen
 
 
-@pytest.mark.parametrize("name, scheduler_cls, channels", [("ddpm", DDPMScheduler, 6), ("ddim", DDIMScheduler, 3)])
+@pytest.mark.parametrize("name, scheduler_cls, channels", [("ddpm", ImprovedDDPMScheduler, 6),
+                                                            ("ddim", DDIMScheduler, 3)])
 def test_sampling_passes_the_learned_variance_to_ddpm_only(tiny_unet, name, scheduler_cls, channels, monkeypatch):
     scheduler = load_scheduler_only("iddpm_cifar10")
     sampler = Sampler(scheduler, name, steps=3)
@@ -386,3 +389,134 @@ def test_learned_range_sampler_needs_the_variance_channels():
     sampler = Sampler(load_scheduler_only("iddpm_cifar10"), "ddpm", steps=2)
     with pytest.raises(ValueError, match="needs \\[eps, v\\] \\(6 channels\\), but the network returned 3"):
         sampler.sample(lambda x, t: torch.zeros_like(x), torch.randn(1, 3, 8, 8), seeded_generators(0, [0]))
+
+
+# -- one DDPM step against improved-diffusion's GaussianDiffusion, in float64 ---------------------------------------
+# Written from openai/improved-diffusion at 6051920 (read through the code index, line numbers of that version):
+# gaussian_diffusion.py:36-40 and 45-62 (cosine betas, capped at 0.999), :132-169 (float64 constants, the clipped
+# posterior log-variance taking posterior_variance[1] at index 0), :262-276 (learned range: frac = (v + 1) / 2
+# between log posterior variance and log beta), :293-314 (x0 from eps, clamped, posterior mean), :382-386 (no noise
+# at t = 0); respace.py:72-86 (SpacedDiffusion: betas recomputed from alphas_cumprod at the kept steps).
+
+
+def reference_cosine_betas(T):
+    def alpha_bar(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=np.float64)
+
+
+def reference_spaced_diffusion(betas, kept):
+    """improved-diffusion's per-index constants of the process restricted to the ``kept`` steps, in float64."""
+    abar_full, last, new_betas = np.cumprod(1 - betas), 1.0, []
+    for t in sorted(kept):
+        new_betas.append(1 - abar_full[t] / last)
+        last = abar_full[t]
+    b = np.array(new_betas)
+    abar = np.cumprod(1 - b)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = b * (1 - abar_prev) / (1 - abar)
+    return dict(log_beta=np.log(b), post_log_var=np.log(np.append(post_var[1], post_var[1:])),
+                coef1=b * np.sqrt(abar_prev) / (1 - abar), coef2=(1 - abar_prev) * np.sqrt(1 - b) / (1 - abar),
+                recip=np.sqrt(1 / abar), recipm1=np.sqrt(1 / abar - 1))
+
+
+def reference_p_sample(c, k, x, eps, v, z):
+    """Step k of the (respaced) process: mean, log-variance and sample, all float64, clip_denoised=True."""
+    x, eps, v, z = (a.double() for a in (x, eps, v, z))
+    frac = (v + 1) / 2
+    log_var = frac * c["log_beta"][k] + (1 - frac) * c["post_log_var"][k]
+    x0 = (c["recip"][k] * x - c["recipm1"][k] * eps).clamp(-1, 1)
+    mean = c["coef1"][k] * x0 + c["coef2"][k] * x
+    return mean, log_var, mean + (k != 0) * torch.exp(0.5 * log_var) * z
+
+
+def _step_inputs(seed=0, shape=(4, 3, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    x, eps = 2 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # some x0 land outside [-1, 1]
+    v = torch.rand(shape, generator=g) * 2 - 1
+    v.view(-1)[:2] = torch.tensor([-1.0, 1.0])  # both ends of the learned range
+    return x, eps, v
+
+
+def reference_section_respacing(T, n):
+    """improved-diffusion's space_timesteps(T, "n"): one section, n steps at round(i * (T - 1) / (n - 1))
+    (respace.py:38-60)."""
+    stride, cur, kept = (T - 1) / (n - 1), 0.0, []
+    for _ in range(n):
+        kept.append(round(cur))
+        cur += stride
+    return kept
+
+
+# (timestep_spacing, sampler steps, index k of the step in diffusion order): t = 0, 1, the middle and T - 1 of the
+# full schedule; the same places of the 250-step respacings "ddim250" (leading: t = 0, 16, 2000, 3984) and "250"
+# (linspace: t = 0, 16, 2007, 3999).
+ENDS = [("leading", 4000, 0), ("leading", 4000, 1), ("leading", 4000, 2000), ("leading", 4000, 3999),
+        ("leading", 250, 0), ("leading", 250, 1), ("leading", 250, 125), ("leading", 250, 249),
+        ("linspace", 250, 0), ("linspace", 250, 1), ("linspace", 250, 249)]
+
+
+@pytest.mark.parametrize("spacing, steps, k", ENDS)
+def test_ddpm_step_is_improved_diffusions_at_the_ends_of_the_schedule(spacing, steps, k):
+    """Mean, log-variance and x_{t-1} of one step against improved-diffusion's float64 formulas.
+
+    Tolerances: the step does float32 arithmetic with float64 constants, as improved-diffusion does
+    (_extract_into_tensor casts them with .float()); so the error is a few float32 ulps (1.2e-7 relative) of its
+    terms: mean terms <= about 8 -> 1e-6; |log-variance| <= 12.3 -> 4e-6 (4 ulps); x adds std * |z| * 2e-6.
+    diffusers' float32 DDPMScheduler is off by 5e-4 (mean) and 3e-3 (log-variance) at t = 1, and by up to 34 in
+    the log-variance at t = 0 (it clamps the posterior variance to 1e-20: log 1e-20 - (-12.2) = -33.8 at v = -1)."""
+    scheduler = ImprovedDDPMScheduler.from_config(load_scheduler_only("iddpm_cifar10").config,
+                                                  timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    kept = sorted(scheduler.timesteps.tolist())
+    t = kept[k]
+    c = reference_spaced_diffusion(reference_cosine_betas(4000), kept)
+    x, eps, v = _step_inputs()
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    ref_mean, ref_log_var, ref_x = reference_p_sample(c, k, x, eps, v, z)
+
+    p = scheduler.p_mean_variance(torch.cat([eps, v], 1), torch.tensor(t), x)
+    torch.testing.assert_close(p.mean.double(), ref_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(p.log_variance.double(), ref_log_var, rtol=0, atol=4e-6)
+    out = scheduler.step(torch.cat([eps, v], 1), torch.tensor(t), x, generator=torch.Generator().manual_seed(5))
+    assert out.prev_sample.dtype == torch.float32
+    torch.testing.assert_close(out.prev_sample.double(), ref_x, rtol=0, atol=1e-5)
+
+
+def test_improved_diffusion_respacings_are_leading_and_linspace():
+    """"ddimN" keeps range(0, T, stride) (respace.py:30-34): diffusers' leading spacing, the configs' default;
+    plain "N" (PTQ4DM's --timestep_respacing 250) is diffusers' linspace (model.scheduler.timestep_spacing=linspace).
+    The DDPM step goes to the previous kept step either way, so it is SpacedDiffusion's step for both."""
+    base = load_scheduler_only("iddpm_cifar10")
+    assert isinstance(base, ImprovedDDPMScheduler) and base.config.timestep_spacing == "leading"
+    base.set_timesteps(250)
+    assert sorted(base.timesteps.tolist()) == list(range(0, 4000, 16))
+    for n in (50, 250, 300, 1000):
+        scheduler = ImprovedDDPMScheduler.from_config(base.config, timestep_spacing="linspace")
+        scheduler.set_timesteps(n)
+        assert sorted(scheduler.timesteps.tolist()) == reference_section_respacing(4000, n)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_fixed_variances_are_improved_diffusions(variance_type):
+    """FIXED_SMALL: the clipped posterior log-variance; FIXED_LARGE: log beta, but at the first step the posterior
+    variance of the next one (gaussian_diffusion.py:278-289)."""
+    scheduler = build_scheduler(num_train_timesteps=4000, beta_schedule="squaredcos_cap_v2",
+                                variance_type=variance_type)
+    scheduler.set_timesteps(250)
+    kept = sorted(scheduler.timesteps.tolist())
+    c = reference_spaced_diffusion(reference_cosine_betas(4000), kept)
+    x, eps, _ = _step_inputs()
+    for k in (0, 1, 249):
+        ref = c["post_log_var"][k] if variance_type == "fixed_small" or k == 0 else c["log_beta"][k]
+        log_var = scheduler.p_mean_variance(eps, torch.tensor(kept[k]), x).log_variance
+        torch.testing.assert_close(log_var.double(), torch.full_like(x, ref, dtype=torch.float64), rtol=0, atol=4e-6)
+
+
+def test_improved_diffusion_step_refuses_what_it_does_not_compute():
+    with pytest.raises(ValueError, match="variance_type='learned'"):
+        build_scheduler(num_train_timesteps=10, variance_type="learned")
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'"):
+        build_scheduler(num_train_timesteps=10, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="beta_schedule='scaled_linear'"):
+        build_scheduler(num_train_timesteps=10, beta_schedule="scaled_linear")

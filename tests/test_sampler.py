@@ -1,7 +1,8 @@
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
-from ptq4dm.diffusion import SAMPLERS, Sampler
+from ptq4dm.diffusion import SAMPLERS, Sampler, seeded_generators
 from ptq4dm.evaluation import SamplingModule, generate_images
 from ptq4dm.models import build_noise_scheduler, build_unet
 
@@ -57,3 +58,18 @@ def test_bad_sampler_settings_name_the_key():
         Sampler(build_noise_scheduler(), "ddim", steps=2000)
     with pytest.raises(ValueError, match="sampler.name='euler'"):
         Sampler(build_noise_scheduler(), "euler", steps=10)
+
+
+def test_ddpm_of_other_models_is_diffusers_step_bit_for_bit(unet):
+    """Only converted improved-diffusion models get ImprovedDDPMScheduler; the rest sample as plain diffusers."""
+    sampler = Sampler(build_noise_scheduler(), "ddpm", steps=5)
+    assert type(sampler.scheduler) is DDPMScheduler
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = sampler.sample(lambda x, t: unet(x, t).sample, noise, seeded_generators(1, [0, 1]))
+    scheduler = DDPMScheduler.from_config(build_noise_scheduler().config)
+    gens, ref = seeded_generators(1, [0, 1]), noise
+    scheduler.set_timesteps(5)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            ref = scheduler.step(unet(ref, t).sample, t, ref, generator=gens).prev_sample
+    assert torch.equal(x, ref.clamp(-1, 1))

@@ -5,6 +5,7 @@ import torch
 
 from ptq4dm.diffusion import Sampler, seeded_generators
 from ptq4dm.models import build_noise_scheduler, build_unet
+from ptq4dm.models.improved_diffusion import build_scheduler as build_improved_diffusion_scheduler
 from ptq4dm.quant import QuantSpec
 from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 
@@ -46,3 +47,27 @@ def test_unsupported_sampler_is_refused(denoise):
     sampler = Sampler(build_noise_scheduler(), "pndm", steps=6)
     with pytest.raises(ValueError, match="ddim or ddpm"):
         _sample(sampler, denoise, SamplerOutputQuantizer(("mean",), QuantSpec(8)))
+
+
+def _learned_range(x, t):
+    """A stand-in for a converted improved-diffusion network: [eps, v], v in [-1, 1]."""
+    return torch.cat([0.5 * x, torch.tanh(x)], dim=1)
+
+
+def test_improved_diffusion_step_is_decomposed_with_its_own_variance():
+    """The variance quantizer sees improved-diffusion's per-element variance exp(log-variance) of each noisy step,
+    and pass-through quantizers rebuild the step's own x_{t-1}."""
+    scheduler = build_improved_diffusion_scheduler(num_train_timesteps=4000, beta_schedule="squaredcos_cap_v2",
+                                                   variance_type="learned_range")
+    sampler = Sampler(scheduler, "ddpm", steps=6)
+    outq = SamplerOutputQuantizer(("mean", "variance", "x_prev"), QuantSpec(8))
+    seen = []
+    outq.quantizers["variance"].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    torch.testing.assert_close(_sample(sampler, _learned_range, outq), _sample(sampler, _learned_range),
+                               rtol=1e-5, atol=1e-5)
+    assert len(seen) == 5 and all(v.shape == (3, 3, 32, 32) for v in seen)  # no noise, no variance at t = 0
+    noise = sampler.initial_noise(seeded_generators(3, range(3)), (3, 32, 32), "cpu")
+    step = sampler._fresh_scheduler()
+    t = step.timesteps[0]
+    expected = step.p_mean_variance(_learned_range(noise, t), t, noise).log_variance.exp()
+    torch.testing.assert_close(seen[0], expected)

@@ -21,6 +21,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from ptq4dm.diffusion.conditioning import Conditioning
+from ptq4dm.diffusion.improved_ddpm import ImprovedDDPMScheduler
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -54,7 +55,10 @@ class Sampler:
         if not 1 <= steps <= T:
             raise ValueError(f"sampler.steps={steps} must be in [1, {T}] (the model's training steps)")
         self.name, self.steps, self.eta = name, int(steps), float(eta)
-        self.scheduler = SAMPLERS[name].from_config(train_scheduler.config, **scheduler_kwargs)
+        cls = SAMPLERS[name]
+        if name == "ddpm" and isinstance(train_scheduler, ImprovedDDPMScheduler):
+            cls = ImprovedDDPMScheduler  # converted improved-diffusion models keep its own DDPM step
+        self.scheduler = cls.from_config(train_scheduler.config, **scheduler_kwargs)
         self.scheduler.set_timesteps(self.steps)
         step_params = inspect.signature(self.scheduler.step).parameters
         self._step_kwargs = {"eta": self.eta} if "eta" in step_params else {}

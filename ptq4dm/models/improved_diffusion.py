@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import Timesteps
 
+from ptq4dm.diffusion.improved_ddpm import ImprovedDDPMScheduler
 from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.utils.checkpoints import read_state_dict as read_checkpoint
 
@@ -260,16 +261,19 @@ def read_state_dict(path: str | Path, trusted: bool = False) -> Mapping[str, tor
     return read_checkpoint(path, "model.checkpoint", trusted, "model.trust_checkpoint")
 
 
-def build_scheduler(**config) -> DDPMScheduler:
-    """The training noise schedule; clip_sample as improved-diffusion's clip_denoised=True."""
-    return DDPMScheduler(**{"clip_sample": True, **config})
+def build_scheduler(**config) -> ImprovedDDPMScheduler:
+    """The training noise schedule, stepped as improved-diffusion steps (float64 constants, its clipped posterior
+    log-variance at the first step); clip_sample as its clip_denoised=True."""
+    scheduler = ImprovedDDPMScheduler(**{"clip_sample": True, **config})
+    scheduler.alphas_cumprod_f64  # checks the config now rather than at the first step
+    return scheduler
 
 
 def load_improved_diffusion_model(checkpoint: str | Path | None, unet: Mapping, scheduler: Mapping,
                                   name: str = "improved_diffusion", download_url: str | None = None,
                                   checkpoint_env: str | None = None, trusted: bool = False) -> DiffusionModel:
     """An improved-diffusion checkpoint as a DiffusionModel: ``unet`` holds ImprovedDiffusionUNet2DModel's flags,
-    ``scheduler`` the DDPMScheduler arguments of its training schedule."""
+    ``scheduler`` the DDPMScheduler arguments of its training schedule (an ImprovedDDPMScheduler is built)."""
     hint = (f"download {download_url} and set model.checkpoint=/path/to/{download_url.rsplit('/', 1)[-1]}"
             if download_url else "set model.checkpoint=/path/to/the/checkpoint.pt")
     if checkpoint_env:

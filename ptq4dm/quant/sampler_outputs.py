@@ -2,7 +2,8 @@
 
 A step of DDPM or DDIM is x_{t-1} = mean + sigma * z. The scheduler's own step gives x_{t-1}; the noise z
 is drawn again from copies of the per-image generators (the same draws the step made), so mean and sigma
-are recovered exactly and can be quantized before x_{t-1} is put back together.
+are recovered exactly and can be quantized before x_{t-1} is put back together. improved-diffusion's step
+(ImprovedDDPMScheduler, converted iddpm models) gives its mean and per-element variance exp(log-variance) itself.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ptq4dm.diffusion.improved_ddpm import ImprovedDDPMScheduler
 from ptq4dm.quant.config import SAMPLER_OUTPUTS
 from ptq4dm.quant.quantizer import Quantizer, QuantSpec
 
@@ -52,6 +54,8 @@ class SamplerOutputQuantizer(nn.Module):
 
     def step(self, scheduler, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor, step_kwargs: dict,
              generators: list[torch.Generator] | None) -> torch.Tensor:
+        if isinstance(scheduler, ImprovedDDPMScheduler):
+            return self._improved_diffusion_step(scheduler, eps, t, x, generators)
         q = self.quantizers
         std = noise_std(scheduler, t, step_kwargs.get("eta", 0.0))
         z = None
@@ -70,4 +74,22 @@ class SamplerOutputQuantizer(nn.Module):
         if "variance" in q:
             std = q["variance"](torch.tensor(std**2, device=eps.device)).clamp_min(0).sqrt()
         prev = mean + std * z
+        return q["x_prev"](prev) if "x_prev" in q else prev
+
+    def _improved_diffusion_step(self, scheduler: ImprovedDDPMScheduler, model_output: torch.Tensor,
+                                 t: torch.Tensor, x: torch.Tensor,
+                                 generators: list[torch.Generator] | None) -> torch.Tensor:
+        """improved-diffusion's mean and variance (a tensor: the learned range is per element), quantized."""
+        q = self.quantizers
+        p = scheduler.p_mean_variance(model_output, t, x)
+        mean = q["mean"](p.mean) if "mean" in q else p.mean
+        if not scheduler.adds_noise(t):  # the last step
+            return q["x_prev"](mean) if "x_prev" in q else mean
+        if generators is None:
+            raise ValueError("sampler output quantization of a stochastic step needs per-image generators")
+        if "variance" in q:
+            std = q["variance"](p.log_variance.exp()).clamp_min(0).sqrt()
+        else:
+            std = torch.exp(0.5 * p.log_variance)
+        prev = scheduler.sample_from(mean, std, t, generators)
         return q["x_prev"](prev) if "x_prev" in q else prev
