@@ -53,6 +53,7 @@ from ptq4dm.metrics.scoring import (
     score,
 )
 from ptq4dm.models.factory import load_model, model_identity
+from ptq4dm.models.schedule import given_arguments
 from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.quant import save_quantized
 from ptq4dm.quant.api import unmatched_patterns
@@ -260,6 +261,8 @@ def config_digest(cfg: DictConfig) -> str:
             if k not in ("output_dir", "progress", "force", "logger")}
     if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
         keep["ops"].pop("decoder", None)
+    if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
+        keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -46,3 +46,13 @@ def test_unsupported_sampler_is_refused(denoise):
     sampler = Sampler(build_noise_scheduler(), "pndm", steps=6)
     with pytest.raises(ValueError, match="ddim or ddpm"):
         _sample(sampler, denoise, SamplerOutputQuantizer(("mean",), QuantSpec(8)))
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+@pytest.mark.parametrize("name,eta", [("ddpm", 0.0), ("ddim", 0.7)])
+def test_decomposed_step_holds_for_every_prediction_type(kind, name, eta):
+    """The scheduler's step converts v or x_0 itself: mean + sigma * z rebuilds it as for epsilon."""
+    denoise = lambda x, t: torch.tanh(0.5 * x + t.float() / 1000)  # noqa: E731 - any network will do
+    sampler = Sampler(build_noise_scheduler(prediction_type=kind), name, steps=6, eta=eta)
+    outq = SamplerOutputQuantizer(("mean", "variance", "x_prev"), QuantSpec(8))
+    torch.testing.assert_close(_sample(sampler, denoise, outq), _sample(sampler, denoise), rtol=1e-5, atol=1e-5)

@@ -70,13 +70,6 @@ def build_unet(block_out_channels: tuple[int, ...], norm_num_groups: int, dropou
                        dropout=dropout, **config)
 
 
-def build_noise_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                          beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=True,
-                         variance_type="fixed_small")
-
-
 def _is_pipeline(folder: Path) -> bool:
     return (folder / "unet" / "config.json").is_file()
 
