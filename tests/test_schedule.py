@@ -121,3 +121,11 @@ def test_config_digests_of_earlier_custom_jobs_stay(tmp_path):
         old.model.scheduler = OmegaConf.create({"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                                                 "beta_schedule": "linear", "prediction_type": "epsilon"})
     assert config_digest(cfg) == config_digest(old) and model_identity(cfg.model) == model_identity(old.model)
+
+
+def test_training_fits_epsilon_only_and_says_so():
+    from ptq4dm.training.module import check_trainable
+
+    with pytest.raises(ValueError, match=r"model\.scheduler\.prediction_type='v_prediction': training .* allowed is "
+                                         r"'epsilon'"):
+        check_trainable(build_noise_scheduler(prediction_type="v_prediction"))
