@@ -34,7 +34,8 @@ def load_model(cfg: DictConfig) -> DiffusionModel:
     net = instantiate(cfg.factory)  # user code, by design (README: security notes)
     if not isinstance(net, nn.Module):
         raise TypeError(f"model.factory._target_={cfg.factory.get('_target_')!r} returned a "
-                        f"{type(net).__name__}: expected a torch.nn.Module computing f(x, t) -> eps")
+                        f"{type(net).__name__}: expected a torch.nn.Module computing f(x, t) -> eps (or v, or x_0, "
+                        "as model.scheduler.prediction_type says)")
     if cfg.get("checkpoint"):
         state = read_state_dict(cfg.checkpoint, "model.checkpoint", cfg.get("trust_checkpoint", False),
                                 "model.trust_checkpoint")

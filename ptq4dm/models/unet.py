@@ -40,9 +40,10 @@ DDPM_CIFAR10_LAYOUT = dict(
 
 @dataclass
 class DiffusionModel:
-    """An epsilon-prediction network and the noise schedule it was trained with."""
+    """A network and the noise schedule it was trained with (whose prediction_type says what the network
+    returns: the noise, v or x_0)."""
 
-    unet: torch.nn.Module  # a diffusers UNet2DModel, or any f(x, t) -> eps network
+    unet: torch.nn.Module  # a diffusers UNet2DModel, or any f(x, t) network
     scheduler: DDPMScheduler
     name: str = "model"
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of x_t; read from a diffusers config when None
