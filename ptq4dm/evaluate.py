@@ -21,6 +21,7 @@ from ptq4dm.metrics.scoring import (
     image_statistics,
     inception_scores,
     metrics_device,
+    note_inception_input,
     reference_from_config,
     score,
 )
@@ -99,6 +100,7 @@ def evaluate(cfg: DictConfig) -> dict:
     scores = score(image_statistics(images, extractor, cfg.metrics.batch_size), reference, cfg)
     scores.update(inception_scores(images, cfg, metrics_device(cfg.trainer)))
     scores["reference"] = None if reference is None else f"{reference.name} ({reference.num_images} images)"
+    scores["inception_input"] = note_inception_input(images, log)
     results = {
         "model": cfg.model.name,
         "quantized": str(cfg.quantized) if cfg.quantized else None,

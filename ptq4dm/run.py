@@ -48,11 +48,13 @@ from ptq4dm.metrics.scoring import (
     image_statistics,
     inception_scores,
     metrics_device,
+    note_inception_input,
     pixel_errors,
     reference_from_config,
     score,
 )
 from ptq4dm.models.factory import load_model, model_identity
+from ptq4dm.models.schedule import given_arguments
 from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.quant import save_quantized
 from ptq4dm.quant.api import unmatched_patterns
@@ -260,6 +262,8 @@ def config_digest(cfg: DictConfig) -> str:
             if k not in ("output_dir", "progress", "force", "logger")}
     if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
         keep["ops"].pop("decoder", None)
+    if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
+        keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -289,6 +293,11 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does "
                              "not take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "
                              "uniform_ts, single_ts, random_ts, noise)")
+        if recipe.calibration.source.needs_images and model.image_shape[0] != 3:
+            raise ValueError(f"calib={cfg.calib.name} feeds the data set's RGB images, but model={cfg.model.name} takes "
+                             f"{model.image_shape[0]}-channel inputs (model.image_shape={list(model.image_shape)}): "
+                             "allowed are the trajectory and noise sources (gaussian_ts, uniform_ts, single_ts, "
+                             "random_ts, noise)")
         if recipe.quantize_decoder and model.decoder is None:
             raise ValueError(f"ops.decoder=true: model={cfg.model.name} samples pixels and has no VAE decoder to "
                              "quantize; allowed only with latent pipelines (model=pipeline, ldm_celebahq, "
@@ -322,6 +331,7 @@ def run(cfg: DictConfig) -> dict:
         return {}  # a non-zero DDP rank
     q_seconds = stages["quantized_samples"] if todo == total else None  # None: sampled across interrupted runs
     with stage("scoring", stages):
+        scored_as = note_inception_input(q_images, log)
         fp_stats, fp_scores = score_full_precision(cfg, entry, fp_images, extractor, reference, reference_digest)
         q_stats = image_statistics(q_images, extractor, cfg.metrics.batch_size, "quantized")
         q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
@@ -348,6 +358,7 @@ def run(cfg: DictConfig) -> dict:
         "full_precision": calibration.get("full_precision", []),  # what stays in full precision, and why
         "reference": None if reference is None else f"{reference.name} ({reference.num_images} images)",
         "reference_digest": reference_digest,
+        "inception_input": scored_as,  # "1 channel repeated to 3" for grayscale images
         "seed": cfg.seed,
         "device": device_name(device),
     }

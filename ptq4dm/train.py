@@ -23,6 +23,7 @@ from ptq4dm.models import (
     save_diffusion_model,
 )
 from ptq4dm.training import DeviceResidentImages, DiffusionTraining
+from ptq4dm.training.module import check_trainable
 from ptq4dm.utils.checkpoints import load_checkpoint
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.loggers import finish_logger, make_logger
@@ -37,9 +38,10 @@ def train(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
 
+    scheduler = build_noise_scheduler(OmegaConf.to_container(cfg.model.scheduler, resolve=True), "model.scheduler")
+    check_trainable(scheduler)  # before the data set is loaded
     data = DeviceResidentImages(**cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed)
     unet = build_unet(**cfg.model.unet)
-    scheduler = build_noise_scheduler(**cfg.model.scheduler)
     prior = {}
     if cfg.train.init_from:  # warm start from exported weights; counters continue from their training.json
         unet.load_state_dict(load_diffusion_model(cfg.train.init_from).unet.float().state_dict())

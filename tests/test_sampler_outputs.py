@@ -71,3 +71,13 @@ def test_improved_diffusion_step_is_decomposed_with_its_own_variance():
     t = step.timesteps[0]
     expected = step.p_mean_variance(_learned_range(noise, t), t, noise).log_variance.exp()
     torch.testing.assert_close(seen[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+@pytest.mark.parametrize("name,eta", [("ddpm", 0.0), ("ddim", 0.7)])
+def test_decomposed_step_holds_for_every_prediction_type(kind, name, eta):
+    """The scheduler's step converts v or x_0 itself: mean + sigma * z rebuilds it as for epsilon."""
+    denoise = lambda x, t: torch.tanh(0.5 * x + t.float() / 1000)  # noqa: E731 - any network will do
+    sampler = Sampler(build_noise_scheduler(prediction_type=kind), name, steps=6, eta=eta)
+    outq = SamplerOutputQuantizer(("mean", "variance", "x_prev"), QuantSpec(8))
+    torch.testing.assert_close(_sample(sampler, denoise, outq), _sample(sampler, denoise), rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ from ptq4dm.calibration import CalibrationRecipe, Gaussian, RangeSearch, Traject
 from ptq4dm.diffusion import seeded_generators
 from ptq4dm.experiment.provenance import provenance
 from ptq4dm.models import build_unet, load_diffusion_model
-from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler
+from ptq4dm.models import DiffusionModel, build_noise_scheduler
 from ptq4dm.quant.api import quantizers
 from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction
 from ptq4dm.utils.io import atomic_write_json

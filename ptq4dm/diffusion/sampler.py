@@ -29,6 +29,23 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "dpm_solver": DPMSolverMultistepScheduler,
     "pndm": PNDMScheduler,
 }
+# What each sampler's step turns into x_{t-1} (diffusers converts): the network's output is the noise (epsilon),
+# the velocity v = sqrt(a) eps - sqrt(1 - a) x_0 (v_prediction), or x_0 itself (sample). PNDM has no x_0 form.
+PREDICTION_TYPES: dict[str, tuple[str, ...]] = {
+    "ddim": ("epsilon", "v_prediction", "sample"),
+    "ddpm": ("epsilon", "v_prediction", "sample"),
+    "dpm_solver": ("epsilon", "v_prediction", "sample"),
+    "pndm": ("epsilon", "v_prediction"),
+}
+
+
+def check_prediction_type(name: str, prediction_type: str, key: str = "sampler") -> None:
+    """A clear error, before any sampling, when sampler ``name`` cannot step with ``prediction_type``."""
+    allowed = PREDICTION_TYPES.get(name)
+    if allowed is not None and prediction_type not in allowed:
+        samplers = sorted(n for n, kinds in PREDICTION_TYPES.items() if prediction_type in kinds)
+        raise ValueError(f"{key}.name={name!r} cannot sample a network with prediction_type={prediction_type!r}: "
+                         f"{name} allows {list(allowed)}; samplers that allow {prediction_type!r}: {samplers}")
 
 
 def seeded_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -44,7 +61,8 @@ class Sampler:
     """A reverse-diffusion sampler over ``steps`` network calls.
 
     ``name`` picks the diffusers scheduler (``ddim``, ``ddpm``, ``dpm_solver``, ``pndm``); ``eta`` is DDIM's
-    stochasticity. The schedule (betas, T) comes from the model's own training scheduler config.
+    stochasticity. The schedule (betas, T) and what the network predicts (``prediction_type``: epsilon,
+    v_prediction or sample, see PREDICTION_TYPES) come from the model's own training scheduler config.
     """
 
     def __init__(self, train_scheduler: SchedulerMixin, name: str = "ddim", steps: int = 100, eta: float = 0.0,
@@ -54,6 +72,7 @@ class Sampler:
         T = train_scheduler.config.num_train_timesteps
         if not 1 <= steps <= T:
             raise ValueError(f"sampler.steps={steps} must be in [1, {T}] (the model's training steps)")
+        check_prediction_type(name, train_scheduler.config.get("prediction_type", "epsilon"))
         self.name, self.steps, self.eta = name, int(steps), float(eta)
         cls = SAMPLERS[name]
         if name == "ddpm" and isinstance(train_scheduler, ImprovedDDPMScheduler):
@@ -89,7 +108,8 @@ class Sampler:
         """Run the reverse process from ``noise``; returns x_0, clipped to [-1, 1] unless ``clip`` is False (latents),
         or x after ``num_steps`` steps.
 
-        ``model(x_t, t)`` returns the predicted noise. ``on_step(i, t, x_t)`` sees each network input exactly
+        ``model(x_t, t)`` returns the network's prediction (the noise, v or x_0, as the training scheduler's
+        prediction_type says; the scheduler's step converts). ``on_step(i, t, x_t)`` sees each network input exactly
         as the network gets it. ``output_quantizer`` (a SamplerOutputQuantizer) quantizes the step's mean,
         variance and x_{t-1}. A fresh copy of the scheduler state is used, so a Sampler is reusable.
 
@@ -117,20 +137,20 @@ class Sampler:
                 if on_step is not None:
                     on_step(i, t, net_x, net_cond)
                 out = conditioning.guide(model(net_x, t.to(x.device), net_cond), channels=x.shape[1])
-            eps = self._model_output(out, x)
+            prediction = self._model_output(out, x)
             if output_quantizer is not None:
-                x = output_quantizer.step(scheduler, eps, t, x, self._step_kwargs, generators)
+                x = output_quantizer.step(scheduler, prediction, t, x, self._step_kwargs, generators)
             else:
                 kwargs = dict(self._step_kwargs)
                 if self._takes_generator and generators is not None:
                     kwargs["generator"] = generators
-                x = scheduler.step(eps, t, x, **kwargs).prev_sample
+                x = scheduler.step(prediction, t, x, **kwargs).prev_sample
             if not torch.isfinite(x).all():  # one device sync a step: cheap next to a network call
                 raise FloatingPointError(f"non-finite values after sampler step {i} (t={int(t)})")
         return x.clamp(-1, 1) if clip and num_steps is None else x
 
     def _model_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """What the scheduler's step takes: [eps, v] for a learned-variance DDPM, eps otherwise."""
+        """What the scheduler's step takes: [eps, v] for a learned-variance DDPM, the prediction otherwise."""
         c = x.shape[1]
         if self._learned_variance:
             if out.shape[1] != 2 * c:

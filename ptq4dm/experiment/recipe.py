@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import AcceleratorRegistry
 
 from ptq4dm.calibration import CalibrationRecipe, CalibrationSource, RangeMetric, RangeSearch, TimestepDistribution
-from ptq4dm.diffusion.sampler import SAMPLERS
+from ptq4dm.diffusion.sampler import SAMPLERS, check_prediction_type
 from ptq4dm.engine import PTQMethod
+from ptq4dm.models.factory import custom_schedule, training_timesteps
 from ptq4dm.quant import QuantConfig
 from ptq4dm.reconstruction import Reconstruction
 from ptq4dm.utils.targets import build_typed
@@ -68,11 +69,15 @@ def check_image_shape(model: DictConfig) -> None:
         raise ValueError(f"model.image_shape={shape}: allowed is [C, H, W], three whole numbers of 1 or more")
 
 
-def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int = 1000) -> dict:
-    """A sampler node as a dict, its values in range (Hydra checked the types: SamplerConfig)."""
+def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int = 1000,
+                  prediction_type: str | None = None) -> dict:
+    """A sampler node as a dict, its values in range (Hydra checked the types: SamplerConfig); with the model's
+    ``prediction_type`` (when known before loading), also that the sampler can step with it."""
     sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else dict(sampler)
     if sampler.get("name") not in SAMPLERS:
         raise ValueError(f"{key}.name={sampler.get('name')!r}: allowed are {sorted(SAMPLERS)}")
+    if prediction_type is not None:
+        check_prediction_type(sampler["name"], prediction_type, key)
     steps = sampler.get("steps")
     if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"{key}.steps={steps!r}: allowed is a whole number from 1 to {num_train_timesteps} "
@@ -83,11 +88,19 @@ def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int
     return sampler
 
 
+def schedule_facts(model: DictConfig) -> tuple[int, str | None]:
+    """(T, prediction type or None where only the model's files say it), before the model is loaded."""
+    schedule = custom_schedule(model)
+    if schedule is None:
+        return training_timesteps(model), None
+    return schedule["num_train_timesteps"], schedule["prediction_type"]
+
+
 def check_job(cfg: DictConfig) -> None:
     """The checks every entry point (ptq4dm.run, ptq4dm.evaluate) runs on what it shares, before loading."""
     for key in ("eval", "metrics"):  # ranges (types were checked when Hydra composed the config)
         OmegaConf.to_object(cfg[key])
-    check_sampler(cfg.sampler, "sampler", cfg.model.scheduler.num_train_timesteps)
+    check_sampler(cfg.sampler, "sampler", *schedule_facts(cfg.model))
     check_image_shape(cfg.model)
     check_trainer(cfg.trainer)
 
@@ -108,8 +121,8 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     runs with."""
     ops, bits = cfg.ops, cfg.bits
     check_job(cfg)
-    T = cfg.model.scheduler.num_train_timesteps
-    sampler = check_sampler(cfg.sampler, "sampler", T)
+    facts = schedule_facts(cfg.model)
+    sampler = check_sampler(cfg.sampler, "sampler", *facts)
     for key in ("weight", "act"):
         value = bits[key]
         if value is not None and (not isinstance(value, int) or not 2 <= value <= 16):
@@ -138,7 +151,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
                          act_ema=ops.act_range_ema)
     reconstruction = None if cfg.recon.method is None else \
         build_typed(cfg.recon.method, "recon.method", Reconstruction)
-    calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", T) if cfg.calib.sampler else sampler
+    calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", *facts) if cfg.calib.sampler else sampler
     axes = {"model": cfg.model.name, "sampler": f"{sampler['name']}-{sampler['steps']}", "ops": ops.name,
             "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name,
             "weight_metric": cfg.weight_metric.name, "recon": cfg.recon.name}

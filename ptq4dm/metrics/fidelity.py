@@ -80,17 +80,29 @@ def make_extractor(device: str | torch.device = "cpu", network_path: str | None 
     return extractor.to(device)
 
 
+def inception_input(channels: int) -> str:
+    """How images of ``channels`` channels reach Inception (recorded in results.json as ``inception_input``)."""
+    return "1 channel repeated to 3" if channels == 1 else f"{channels} channels"
+
+
+def as_inception_input(batch: torch.Tensor) -> torch.Tensor:
+    """A one-channel (grayscale) uint8 batch with its channel repeated to the 3 that Inception takes; other
+    batches as they are (the extractor checks them)."""
+    return batch.expand(-1, 3, -1, -1) if batch.dim() == 4 and batch.shape[1] == 1 else batch
+
+
 @torch.no_grad()
 def extract_features(images: torch.Tensor | Dataset, extractor, batch_size: int = 200, progress: bool = True,
                      desc: str = "Inception features") -> dict[str, torch.Tensor]:
-    """Features of uint8 images (a (N, 3, H, W) tensor or a Dataset of uint8 images), on the CPU in float32."""
+    """Features of uint8 images (a (N, 3, H, W) tensor or a Dataset of uint8 images), on the CPU in float32.
+    One-channel images (N, 1, H, W) are scored as grayscale RGB: their channel repeated to 3."""
     dataset = TensorDataset(images) if torch.is_tensor(images) else images
     device = next(extractor.parameters(), torch.empty(0)).device
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.features_list}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         batch = batch[0] if isinstance(batch, (list, tuple)) else batch
-        feats = extractor(batch.to(device))
+        feats = extractor(as_inception_input(batch).to(device))
         for name, f in zip(extractor.features_list, feats):
             chunks[name].append(f.float().cpu())
     features = {name: torch.cat(c) for name, c in chunks.items()}
@@ -170,7 +182,8 @@ def compute_metrics(generated: ImageStatistics, reference: ImageStatistics, kid_
     return out
 
 
-__all__ = ["EXTRACTOR_NAME", "ImageStatistics", "compute_metrics", "extract_features", "make_extractor"]
+__all__ = ["EXTRACTOR_NAME", "ImageStatistics", "as_inception_input", "compute_metrics", "extract_features",
+           "inception_input", "make_extractor"]
 
 
 def inception_score_weights(path: str | None = None) -> str | None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from ptq4dm.metrics.fidelity import ImageStatistics, compute_metrics, extract_features, inception_score
+from ptq4dm.metrics.fidelity import (
+    ImageStatistics,
+    compute_metrics,
+    extract_features,
+    inception_input,
+    inception_score,
+)
 from ptq4dm.metrics.reference import reference_statistics
 
 
@@ -43,6 +49,15 @@ def inception_scores(images: torch.Tensor, cfg: DictConfig, device) -> dict:
     """Inception Score where weights with a classifier exist; None otherwise (never estimated)."""
     return inception_score(images, cfg.metrics.isc_weights_path, device, cfg.metrics.batch_size) \
         or {"isc": None, "isc_std": None}
+
+
+def note_inception_input(images: torch.Tensor, log) -> str:
+    """``inception_input`` for results.json, said once in the log when the images are not RGB."""
+    note = inception_input(images.shape[1])
+    if images.shape[1] == 1:
+        log.info("the images have 1 channel: it is repeated to 3 for Inception (FID, sFID, KID, precision/recall, IS), "
+                 "i.e. they are scored as grayscale RGB images")
+    return note
 
 
 def pixel_errors(images: torch.Tensor, reference: torch.Tensor) -> dict:

@@ -15,7 +15,8 @@ from torch import nn
 
 from ptq4dm.models.improved_diffusion import load_improved_diffusion_model
 from ptq4dm.models.pipeline import load_pipeline_model
-from ptq4dm.models.unet import DiffusionModel, build_noise_scheduler, resolve_model_dir
+from ptq4dm.models.schedule import build_noise_scheduler, given_arguments, scheduler_config
+from ptq4dm.models.unet import DiffusionModel, resolve_model_dir
 from ptq4dm.utils.checkpoints import read_state_dict
 
 
@@ -33,14 +34,39 @@ def load_model(cfg: DictConfig) -> DiffusionModel:
     net = instantiate(cfg.factory)  # user code, by design (README: security notes)
     if not isinstance(net, nn.Module):
         raise TypeError(f"model.factory._target_={cfg.factory.get('_target_')!r} returned a "
-                        f"{type(net).__name__}: expected a torch.nn.Module computing f(x, t) -> eps")
+                        f"{type(net).__name__}: expected a torch.nn.Module computing f(x, t) -> eps (or v, or x_0, "
+                        "as model.scheduler.prediction_type says)")
     if cfg.get("checkpoint"):
         state = read_state_dict(cfg.checkpoint, "model.checkpoint", cfg.get("trust_checkpoint", False),
                                 "model.trust_checkpoint")
         load_strictly(net, state, f"model.checkpoint={str(cfg.checkpoint)!r}")
     net.eval().requires_grad_(False)
-    scheduler = build_noise_scheduler(**cfg.scheduler)
+    scheduler = build_noise_scheduler(custom_scheduler_spec(cfg))
     return DiffusionModel(net, scheduler, cfg.name, image_shape=tuple(cfg.image_shape))
+
+
+def custom_scheduler_spec(cfg: DictConfig) -> dict | str:
+    """``model.scheduler`` of a custom model: a mapping of scheduler arguments, or a folder or JSON file path."""
+    node = cfg.get("scheduler")
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    if node is None:
+        return {}
+    return str(node)
+
+
+def custom_schedule(cfg: DictConfig) -> dict | None:
+    """A custom model's training schedule arguments, read and checked before the model is loaded (a bad one stops
+    the job now); None for the other presets, whose schedule comes with their files."""
+    if cfg.get("factory") is None:
+        return None
+    return scheduler_config(custom_scheduler_spec(cfg))
+
+
+def training_timesteps(cfg: DictConfig) -> int:
+    """T of the model's training schedule, known before the model is loaded (the presets state it)."""
+    schedule = custom_schedule(cfg)
+    return cfg.scheduler.num_train_timesteps if schedule is None else schedule["num_train_timesteps"]
 
 
 def load_strictly(net: nn.Module, state: dict, source: str) -> None:
@@ -73,7 +99,11 @@ def model_identity(cfg: DictConfig) -> str:
         if conditioning.get("prompts_file"):  # its lines are the prompts: key by them, not by the path
             files.append(Path(conditioning["prompts_file"]).expanduser())
     else:
-        h.update(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode())
+        config = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.get("factory") is not None:  # the schedule's arguments, also those read from a file
+            spec = custom_scheduler_spec(cfg)
+            config["scheduler"] = given_arguments(spec) if isinstance(spec, dict) else scheduler_config(spec)
+        h.update(json.dumps(config, sort_keys=True).encode())
         files = [Path(cfg.checkpoint).expanduser()] if cfg.get("checkpoint") else []
     for f in files:
         h.update(f.name.encode() + b"\0")

@@ -40,9 +40,10 @@ DDPM_CIFAR10_LAYOUT = dict(
 
 @dataclass
 class DiffusionModel:
-    """An epsilon-prediction network and the noise schedule it was trained with."""
+    """A network and the noise schedule it was trained with (whose prediction_type says what the network
+    returns: the noise, v or x_0)."""
 
-    unet: torch.nn.Module  # a diffusers UNet2DModel, or any f(x, t) -> eps network
+    unet: torch.nn.Module  # a diffusers UNet2DModel, or any f(x, t) network
     scheduler: DDPMScheduler
     name: str = "model"
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of x_t; read from a diffusers config when None
@@ -68,13 +69,6 @@ def build_unet(block_out_channels: tuple[int, ...], norm_num_groups: int, dropou
     config = {**DDPM_CIFAR10_LAYOUT, **overrides}
     return UNet2DModel(block_out_channels=tuple(block_out_channels), norm_num_groups=norm_num_groups,
                        dropout=dropout, **config)
-
-
-def build_noise_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                          beta_schedule: str = "linear", prediction_type: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=True,
-                         variance_type="fixed_small")
 
 
 def _is_pipeline(folder: Path) -> bool:

@@ -2,8 +2,10 @@
 
 A step of DDPM or DDIM is x_{t-1} = mean + sigma * z. The scheduler's own step gives x_{t-1}; the noise z
 is drawn again from copies of the per-image generators (the same draws the step made), so mean and sigma
-are recovered exactly and can be quantized before x_{t-1} is put back together. improved-diffusion's step
-(ImprovedDDPMScheduler, converted iddpm models) gives its mean and per-element variance exp(log-variance) itself.
+are recovered exactly and can be quantized before x_{t-1} is put back together. The step converts the
+network's prediction (epsilon, v_prediction or sample) itself, so every prediction type works the same way.
+improved-diffusion's step (ImprovedDDPMScheduler, converted iddpm models) gives its mean and per-element
+variance exp(log-variance) itself.
 """
 
 from __future__ import annotations
@@ -52,19 +54,21 @@ class SamplerOutputQuantizer(nn.Module):
             raise ValueError(f"sampler outputs {sorted(unknown)}: allowed are {list(SAMPLER_OUTPUTS)}")
         self.quantizers = nn.ModuleDict({name: Quantizer(spec) for name in names})
 
-    def step(self, scheduler, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor, step_kwargs: dict,
+    def step(self, scheduler, prediction: torch.Tensor, t: torch.Tensor, x: torch.Tensor, step_kwargs: dict,
              generators: list[torch.Generator] | None) -> torch.Tensor:
+        """x_{t-1} of the scheduler's step from the network's ``prediction`` (what its prediction_type says),
+        with the mean, variance and x_{t-1} quantized as configured."""
         if isinstance(scheduler, ImprovedDDPMScheduler):
-            return self._improved_diffusion_step(scheduler, eps, t, x, generators)
+            return self._improved_diffusion_step(scheduler, prediction, t, x, generators)
         q = self.quantizers
         std = noise_std(scheduler, t, step_kwargs.get("eta", 0.0))
         z = None
         if std > 0:
             if generators is None:
                 raise ValueError("sampler output quantization of a stochastic step needs per-image generators")
-            z = randn_tensor(eps.shape, generator=_copies(generators), device=eps.device, dtype=eps.dtype)
+            z = randn_tensor(x.shape, generator=_copies(generators), device=x.device, dtype=x.dtype)
         kwargs = {**step_kwargs, "generator": generators} if generators is not None else step_kwargs
-        prev = scheduler.step(eps, t, x, **kwargs).prev_sample
+        prev = scheduler.step(prediction, t, x, **kwargs).prev_sample
         if z is None:
             mean = q["mean"](prev) if "mean" in q else prev
             return q["x_prev"](mean) if "x_prev" in q else mean
@@ -72,7 +76,7 @@ class SamplerOutputQuantizer(nn.Module):
         if "mean" in q:
             mean = q["mean"](mean)
         if "variance" in q:
-            std = q["variance"](torch.tensor(std**2, device=eps.device)).clamp_min(0).sqrt()
+            std = q["variance"](torch.tensor(std**2, device=x.device)).clamp_min(0).sqrt()
         prev = mean + std * z
         return q["x_prev"](prev) if "x_prev" in q else prev
 

@@ -14,6 +14,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 log = logging.getLogger(__name__)
 
 
+def check_trainable(noise_scheduler: DDPMScheduler) -> None:
+    """Training fits epsilon prediction only (sampling and quantization take v_prediction and sample too)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind != "epsilon":
+        raise ValueError(f"model.scheduler.prediction_type={kind!r}: training (ptq4dm.train) fits the noise; allowed "
+                         "is 'epsilon' (v_prediction and sample networks can be sampled and quantized, not trained here)")
+
+
 class DiffusionTraining(pl.LightningModule):
     """Trains ``unet`` to predict the noise added by ``noise_scheduler``; keeps an EMA copy for sampling.
 
@@ -24,6 +32,7 @@ class DiffusionTraining(pl.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 1000, ema_decay: float = 0.9995,
                  hflip: bool = True, compile: bool = False, print_every: int = 1000):
         super().__init__()
+        check_trainable(noise_scheduler)
         self.save_hyperparameters(ignore=["unet", "noise_scheduler"])
         self.unet = unet
         self.ema = copy.deepcopy(unet).requires_grad_(False).eval()

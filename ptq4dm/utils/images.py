@@ -11,7 +11,7 @@ from torchvision.utils import make_grid
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
-    """uint8 (N, 3, H, W) images as one PIL image, about square."""
+    """uint8 (N, 3, H, W) or (N, 1, H, W) images as one RGB PIL image, about square (grayscale as gray RGB)."""
     nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
     grid = make_grid(images, nrow=nrow, padding=1, pad_value=255)
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
