@@ -1,5 +1,5 @@
 """Copy what a sweep found into a small, committable folder: summary.csv/md and jobs.json (one record per job:
-its overrides, axes, FP and quantized scores, timings, calibration time steps), plus the quantized sample grids of
+its overrides, axes, FP and quantized scores, timings, calibration time steps, reconstruction totals), plus the quantized sample grids of
 the first jobs and one full-precision grid per set of FP images. Paths of the machine that ran it are replaced by
 placeholders.
 
@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from ptq4dm.experiment.summary import write_summary
 
 KEEP = ("status", "from_sweep", "axes", "overrides", "num_samples", "num_calibration_samples", "fp", "quantized",
-        "timings", "calibration_timesteps", "reference", "seed", "device", "error", "provenance")
+        "timings", "calibration_timesteps", "reconstruction", "reference", "seed", "device", "error", "provenance")
 
 # Points of the paper sweeps that are jobs of table3_timesteps (equal config digests: tests/test_experiments.py):
 # sweep -> (the calib preset of the table3_timesteps job, the sweep's overrides for that point). The default GPU
