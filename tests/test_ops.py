@@ -102,7 +102,7 @@ def test_weight_only_and_exclude():
     assert all(len(model.get_submodule(n).input_quantizers) == 0 for n in wrapped)
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a16", "w4a16", "w6a6", "w8a32", "w4a32"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a16", "w4a16", "w6a6", "w4a4", "w8a32", "w4a32"])
 def test_bits_presets(preset):
     cfg = compose_run(f"bits={preset}")
     quant = recipe_from_config(cfg).quant

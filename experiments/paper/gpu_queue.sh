@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The queue gpu_session.sh starts: the benchmark alone on the GPU (while the FID network arrives), then the
-# experiment sweeps in four concurrent streams (one job at a time per stream; the small model leaves the GPU
-# room for four). Finished jobs are skipped on a re-run (same config digest).
+# experiment sweeps in concurrent streams (one job at a time per stream; the small model leaves the GPU room for
+# several, and they share the cores). Finished jobs are skipped on a re-run (same config digest).
 # Arguments, if given, replace the default streams of queue.txt (one argument per stream, its jobs separated by
 # spaces) and skip the benchmark, e.g. a second machine finishing what the first did not. A job is experiment:bits
 # followed by any overrides, each after a colon:
@@ -9,7 +9,6 @@
 set -uo pipefail
 cd "$STATE/src"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PTQ4DM_CACHE=$STATE/cache
-export OMP_NUM_THREADS=4  # four concurrent streams on 16 cores: CPU work (FID matrices, compilation) not oversubscribed
 common=(logger=csv progress=false metrics.inception_path=$STATE/default_1.pt data.root=$STATE/data)
 
 python3 - > "$STATE/results/environment.json" <<'PY'
@@ -40,6 +39,8 @@ stream() {  # experiment:bits[:override ...] ...
 }
 # Streams: the arguments, else the lines of queue.txt.
 if [ $# -gt 0 ]; then streams=("$@"); else mapfile -t streams < <(grep -v '^#' experiments/paper/queue.txt); fi
+# The machine's cores shared among the streams: CPU work (FID matrices, compilation) not oversubscribed.
+export OMP_NUM_THREADS=$(( $(nproc) / ${#streams[@]} > 0 ? $(nproc) / ${#streams[@]} : 1 ))
 n=0
 for jobs in "${streams[@]}"; do
   n=$((n + 1))
