@@ -68,6 +68,24 @@ def test_sweep_values_reach_the_job_config():
     assert (table5.sampler.name, table5.sampler.steps) == ("ddim", 250)
 
 
+
+def test_the_cpu_default_job_runs_ddim_50_and_the_paper_experiments_ddim_100():
+    """run.yaml's sampler is ddim_50 (the CPU default job); paper_scale, and every experiment built on it, selects
+    ddim (100 steps) unless it chooses its own sampler, and a sampler= given with it still wins."""
+    def sampler(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("run", overrides=list(overrides))
+        return cfg.sampler.name, cfg.sampler.steps
+
+    assert sampler() == ("ddim", 50)
+    assert sampler("sampler=ddim") == ("ddim", 100)
+    assert sampler("experiment=paper_scale") == ("ddim", 100)
+    assert sampler("experiment=paper_scale", "sampler=ddim_250") == ("ddim", 250)
+    assert sampler("experiment=paper_scale", "sampler=ddim_50") == ("ddim", 50)
+    own = {"table1_outputs": ("ddpm", 100)}  # DDPM over 100 respaced steps
+    for name in (p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        assert sampler(f"experiment={name}") == own.get(name, ("ddim", 100)), name
+
 PAPER = Path(CONF_DIR).parent / "experiments" / "paper"
 COLLECT = runpy.run_path(str(PAPER / "collect_results.py"))
 
