@@ -16,9 +16,22 @@ def random_model_dir(tmp_path_factory):
     return save_diffusion_model(DiffusionModel(build_unet((32, 64, 64, 64), 8), build_noise_scheduler()), folder)
 
 
-def _evaluate(*overrides, check=True):
+def _evaluate(*overrides):
+    """The command line, ``python -m ptq4dm.evaluate``."""
     cmd = [sys.executable, "-m", "ptq4dm.evaluate", "trainer.enable_progress_bar=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=check)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=True)
+
+
+def _evaluate_here(*overrides):
+    """``ptq4dm.evaluate.evaluate`` in this process, for checks that are not about the command line."""
+    from hydra import compose, initialize_config_dir
+
+    from ptq4dm.evaluate import evaluate
+    from ptq4dm.utils.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=["trainer.enable_progress_bar=false", *overrides])
+    return evaluate(cfg)
 
 
 def test_evaluate_cli_end_to_end(random_model_dir, image_folder_root, tmp_path):
@@ -39,11 +52,10 @@ def test_evaluate_cli_end_to_end(random_model_dir, image_folder_root, tmp_path):
 
 def test_missing_data_and_statistics_fail_before_sampling(random_model_dir, tmp_path):
     # No test-split statistics ship with the package, so the data set is needed and its absence must stop the job.
-    proc = _evaluate(f"model.pretrained={random_model_dir}", f"data.root={tmp_path / 'nowhere'}",
-                     "metrics.reference.split=test", "eval.num_samples=4", f"hydra.run.dir={tmp_path / 'run'}",
-                     check=False)
-    assert proc.returncode != 0
-    assert "not found" in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
+    with pytest.raises(FileNotFoundError, match="not found") as err:
+        _evaluate_here(f"model.pretrained={random_model_dir}", f"data.root={tmp_path / 'nowhere'}",
+                       "metrics.reference.split=test", "eval.num_samples=4", f"output_dir={tmp_path / 'run'}")
+    assert str(tmp_path / "nowhere") in str(err.value)
     assert not (tmp_path / "run" / "samples").exists()  # nothing was sampled
 
 
@@ -81,7 +93,8 @@ def test_evaluate_samples_a_saved_quantized_model_without_recalibrating(random_m
     assert not torch.equal(got, unquantized)
     assert json.loads((run / "results.json").read_text())["quantized"] == str(job)
 
-    proc = _evaluate(f"model.pretrained={random_model_dir}", f"quantized={tmp_path / 'nope'}",
-                     f"hydra.run.dir={tmp_path / 'run2'}", check=False)
-    assert proc.returncode != 0 and "quantized=" in proc.stderr and "no quantized checkpoint" in proc.stderr
+    with pytest.raises(FileNotFoundError, match="no quantized checkpoint") as err:  # in this process
+        _evaluate_here(f"model.pretrained={random_model_dir}", f"quantized={tmp_path / 'nope'}",
+                       f"output_dir={tmp_path / 'run2'}")
+    assert "quantized=" in str(err.value)
     assert not (tmp_path / "run2" / "samples").exists()

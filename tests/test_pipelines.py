@@ -93,9 +93,9 @@ def text_latent_pipeline(tmp_path_factory):
     return folder
 
 
-def _compose(*overrides):
+def _compose(*overrides, config="run"):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("run", overrides=list(overrides))
+        return compose(config, overrides=list(overrides))
 
 
 def test_latent_images_are_the_vae_decoding_of_the_sampled_latents(class_latent_pipeline):
@@ -183,28 +183,31 @@ def test_conditioning_that_does_not_fit_the_unet_names_the_key(class_latent_pipe
 
 
 def test_latent_models_refuse_image_calibration_sources_before_sampling(class_latent_pipeline, tmp_path):
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "model=pipeline", f"model.pretrained={class_latent_pipeline}",
-           "calib=forward_ts", "logger=none", f"hydra.run.dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode != 0 and "calib=forward_ts feeds real images, which a latent model" in proc.stderr
+    from ptq4dm.run import run
+
+    cfg = _compose(*SMALL, "model=pipeline", f"model.pretrained={class_latent_pipeline}", "calib=forward_ts",
+                   "logger=none", f"output_dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}")
+    with pytest.raises(ValueError, match="calib=forward_ts feeds real images, which a latent model"):
+        run(cfg)
     assert not (tmp_path / "fp").exists()  # stopped before any sampling
 
 
 def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it(class_latent_pipeline, tmp_path):
     """ops.decoder=true: the VAE decoder gets quantizers calibrated on the latents FP sampling ends with; the job's
-    checkpoint holds them, and ptq4dm.evaluate samples the same images from it without recalibrating."""
+    checkpoint holds them, and ptq4dm.evaluate samples the same images from it without recalibrating.
+    (In this process: the command line's own path is tested in test_run.py and test_evaluate.py.)"""
+    from ptq4dm.evaluate import evaluate
     from ptq4dm.evaluation.sampling import load_shards
     from ptq4dm.quant import load_quantized, quantizes_decoder
+    from ptq4dm.run import run
 
     model_args = ["model=pipeline", f"model.pretrained={class_latent_pipeline}", "model.conditioning.kind=class",
                   "model.conditioning.num_classes=4", "data=none", "sampler.steps=5", "eval.num_samples=8",
                   "eval.batch_size=8", "metrics.kid_subset_size=4"]
     job = tmp_path / "job"
     # ops=qdiffusion: shortcut splitting and attention matmuls for the UNet; the decoder has no skips to split
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, *model_args, "ops=qdiffusion", "ops.decoder=true",
-           "logger=none", f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run(_compose(*SMALL, *model_args, "ops=qdiffusion", "ops.decoder=true", "logger=none",
+                        f"output_dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"))["status"] == "ok"
     rows = list(csv.DictReader(io.StringIO((job / "ranges.csv").read_text())))
     vae_rows = [r for r in rows if r["quantizer"].startswith("vae.decoder.")]
     assert len(vae_rows) > 10 and {"conv_in", "conv_out"} <= {r["quantizer"].split(".")[2] for r in vae_rows}
@@ -215,25 +218,24 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
     with pytest.raises(ValueError, match="quantizes a VAE decoder too"):
         load_quantized(copy.deepcopy(model.unet), job)  # the decoder is not silently left in full precision
 
-    run = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "ptq4dm.evaluate", *model_args, f"quantized={job}", "trainer.enable_progress_bar=false",
-           f"hydra.run.dir={run}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.equal(load_shards(run / "samples", 8), load_shards(JobFolder(job).quantized_samples_dir(), 8))
+    out = tmp_path / "eval"
+    evaluate(_compose(*model_args, f"quantized={job}", "trainer.enable_progress_bar=false", f"output_dir={out}",
+                      config="evaluate"))
+    assert torch.equal(load_shards(out / "samples", 8), load_shards(JobFolder(job).quantized_samples_dir(), 8))
 
-    cmd = [sys.executable, "-m", "ptq4dm.evaluate", f"quantized={job}", f"hydra.run.dir={tmp_path / 'eval2'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     # refused before loading: the checkpoint records the model it was calibrated on
-    assert proc.returncode != 0 and "was calibrated on model='pipeline'" in proc.stderr
-    assert "model=tiny_cifar10" in proc.stderr
+    with pytest.raises(ValueError, match="was calibrated on model='pipeline'") as err:
+        evaluate(_compose(f"quantized={job}", f"output_dir={tmp_path / 'eval2'}", config="evaluate"))
+    assert "model=tiny_cifar10" in str(err.value)
 
 
 def test_ops_decoder_on_a_pixel_model_is_refused_before_sampling(tmp_path):
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "ops.decoder=true", "logger=none",
-           f"hydra.run.dir={tmp_path / 'job'}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode != 0 and "ops.decoder=true: model=tiny_cifar10 samples pixels" in proc.stderr
+    from ptq4dm.run import run
+
+    cfg = _compose(*SMALL, "ops.decoder=true", "logger=none", f"output_dir={tmp_path / 'job'}",
+                   f"fp_cache_dir={tmp_path / 'fp'}")
+    with pytest.raises(ValueError, match="ops.decoder=true: model=tiny_cifar10 samples pixels"):
+        run(cfg)
     assert not (tmp_path / "fp").exists()
 
 

@@ -44,6 +44,27 @@ def compose_run(*overrides: str, config: str = "run"):
         return compose(config, overrides=[*SMALL, "logger=none", *overrides] if config == "run" else list(overrides))
 
 
+FINISHED_SIZES = ("eval.num_samples=8", "eval.batch_size=4")
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """One finished job (the SMALL sizes, eval images in two batches of 4) with its FP cache, computed once for
+    the tests that start from a finished job: (job folder, fp_cache_dir override, its results)."""
+    root = tmp_path_factory.mktemp("finished_job")
+    fp = f"fp_cache_dir={root / 'fp'}"
+    results = run_module.run(compose_run(f"output_dir={root / 'job'}", fp, *FINISHED_SIZES))
+    return root / "job", fp, results
+
+
+def copy_of(finished_job, tmp_path: Path) -> tuple[Path, str, dict]:
+    """A test's own copy of the finished job, as if computed in ``tmp_path / "job"`` (a job folder holds no
+    absolute paths: its record is the config digest, without output_dir, the code and the inputs). The FP cache
+    is shared: the tests here only read it, or add entries of their own (another code digest)."""
+    folder, fp, results = finished_job
+    return Path(shutil.copytree(folder, tmp_path / "job")), fp, results
+
+
 def job_files(folder: Path) -> dict[str, bytes]:
     """Every file a job wrote, by relative path (Hydra's .hydra/ and logs excluded)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
@@ -52,10 +73,9 @@ def job_files(folder: Path) -> dict[str, bytes]:
 
 # -- 1 ---------------------------------------------------------------------------------------------------------
 
-def test_force_true_recalibrates_instead_of_scoring_the_old_images(tmp_path):
-    job, fp = tmp_path / "job", f"fp_cache_dir={tmp_path / 'fp'}"
-    first = run_module.run(compose_run(f"output_dir={job}", fp))
-    second = run_module.run(compose_run(f"output_dir={job}", fp, "force=true"))
+def test_force_true_recalibrates_instead_of_scoring_the_old_images(tmp_path, finished_job):
+    job, fp, first = copy_of(finished_job, tmp_path)
+    second = run_module.run(compose_run(f"output_dir={job}", fp, *FINISHED_SIZES, "force=true"))
     assert second["calibration_restored"] is False and second["timings"]["calibration_seconds"] > 0
     assert second["timings"]["sampling_seconds_quantized"] > 0  # the images were sampled again
     assert (job / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
@@ -65,12 +85,9 @@ def test_force_true_recalibrates_instead_of_scoring_the_old_images(tmp_path):
     assert (aside / "REASON.txt").read_text().strip() == "force=true"
 
 
-def test_a_resumed_job_samples_on_with_its_own_saved_calibration_only(tmp_path):
-    fp, sizes = f"fp_cache_dir={tmp_path / 'fp'}", ["eval.num_samples=8", "eval.batch_size=4"]
-    whole = run_module.run(compose_run(f"output_dir={tmp_path / 'whole'}", fp, *sizes))
-
-    job = tmp_path / "job"
-    run_module.run(compose_run(f"output_dir={job}", fp, *sizes))
+def test_a_resumed_job_samples_on_with_its_own_saved_calibration_only(tmp_path, finished_job):
+    whole_folder, _, whole = finished_job  # uninterrupted, and only read here
+    job, fp, _ = copy_of(finished_job, tmp_path)  # the same config, finished, then cut short:
     (job / "results.json").unlink()  # as if killed after its first shard
     first, second = sorted((job / "samples").rglob("shard-*.pt"))
     second.unlink()
@@ -79,17 +96,17 @@ def test_a_resumed_job_samples_on_with_its_own_saved_calibration_only(tmp_path):
     stale.mkdir()
     shutil.copy(first, stale / "shard-00000004.pt")
 
-    resumed = run_module.run(compose_run(f"output_dir={job}", fp, *sizes))
+    resumed = run_module.run(compose_run(f"output_dir={job}", fp, *FINISHED_SIZES))
     assert resumed["calibration_restored"] is True
     assert (first.read_bytes(), first.stat().st_mtime_ns) == kept and not stale.exists()
     assert resumed["timings"]["sampling_seconds_quantized"] is None  # sampled across two runs: not timed
-    assert torch.equal(load_shards(first.parent, 8), load_shards(next((tmp_path / "whole" / "samples").iterdir()), 8))
+    assert torch.equal(load_shards(first.parent, 8), load_shards(next((whole_folder / "samples").iterdir()), 8))
     for key in ("fid", "sfid", "fid_vs_fp", "psnr_vs_fp"):
         assert resumed["quantized"][key] == whole["quantized"][key]
 
     # An unfinished job of another config in the same folder is not resumed: it starts over.
     (job / "results.json").unlink()
-    other = run_module.run(compose_run(f"output_dir={job}", fp, *sizes, "metric=l1"))
+    other = run_module.run(compose_run(f"output_dir={job}", fp, *FINISHED_SIZES, "metric=l1"))
     assert other["calibration_restored"] is False and other["axes"]["metric"] == "l1"
     assert len(list((job / "samples").iterdir())) == 1  # the earlier attempt's shards are gone
 
@@ -153,21 +170,21 @@ def test_reference_statistics_follow_the_data_not_its_folder_name(tmp_path, smal
 
 # -- 3 ---------------------------------------------------------------------------------------------------------
 
-def test_results_record_provenance_and_a_code_change_recomputes_saying_why(tmp_path, monkeypatch, caplog):
+def test_results_record_provenance_and_a_code_change_recomputes_saying_why(tmp_path, monkeypatch, caplog,
+                                                                           finished_job):
     from ptq4dm.experiment import provenance
 
-    job, fp = tmp_path / "job", f"fp_cache_dir={tmp_path / 'fp'}"
-    first = run_module.run(compose_run(f"output_dir={job}", fp))
+    job, fp, first = copy_of(finished_job, tmp_path)
     prov = first["provenance"]
     assert prov["ptq4dm"] and prov["device"] == "cpu" and prov["code_digest"] == provenance.code_digest()
     assert set(prov["libraries"]) >= {"torch", "diffusers", "torch-fidelity", "pytorch-lightning"}
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
     assert prov["git_dirty"] in (None, True, False)
-    assert run_module.run(compose_run(f"output_dir={job}", fp)) == first  # unchanged: skipped
+    assert run_module.run(compose_run(f"output_dir={job}", fp, *FINISHED_SIZES)) == first  # unchanged: skipped
 
     monkeypatch.setattr(provenance, "code_digest", lambda: "f" * 64)  # as after editing the package
     with caplog.at_level(logging.WARNING):
-        second = run_module.run(compose_run(f"output_dir={job}", fp))
+        second = run_module.run(compose_run(f"output_dir={job}", fp, *FINISHED_SIZES))
     assert "computed again because code_digest:" in caplog.text
     assert second["record"]["code_digest"] == "f" * 64 and second["calibration_restored"] is False
     [aside] = (job / "superseded").iterdir()
@@ -219,12 +236,11 @@ def test_a_second_process_waits_for_the_fp_images_and_reuses_them(tmp_path):
 
 # -- 5 ---------------------------------------------------------------------------------------------------------
 
-def test_a_failed_rerun_keeps_the_finished_result_and_records_the_failure_beside_it(tmp_path):
-    job = tmp_path / "job"
-    run_module.run(compose_run(f"output_dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"))
+def test_a_failed_rerun_keeps_the_finished_result_and_records_the_failure_beside_it(tmp_path, finished_job):
+    job, fp, _ = copy_of(finished_job, tmp_path)
     before = job_files(job)
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "logger=none", f"fp_cache_dir={tmp_path / 'fp'}",
-           f"hydra.run.dir={job}", "bits.weight=1"]
+    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "logger=none", fp, *FINISHED_SIZES, f"hydra.run.dir={job}",
+           "bits.weight=1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode != 0 and "bits.weight=1" in proc.stderr
     after = job_files(job)
@@ -322,7 +338,7 @@ def test_exclude_patterns_that_match_nothing_are_refused_before_sampling(monkeyp
         run_module.run(cfg)
 
 
-def test_evaluate_refuses_bad_values_and_another_models_checkpoint_before_loading(monkeypatch, tmp_path):
+def test_evaluate_refuses_bad_values_and_another_models_checkpoint_before_loading(monkeypatch, tmp_path, finished_job):
     import ptq4dm.evaluate as evaluate_module
 
     monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
@@ -330,8 +346,7 @@ def test_evaluate_refuses_bad_values_and_another_models_checkpoint_before_loadin
     with pytest.raises(ValueError, match=r"sampler\.steps=0: allowed is a whole number from 1 to 1000"):
         evaluate_module.evaluate(compose_run(*evaluate_cfg, "sampler.steps=0", config="evaluate"))
 
-    job = tmp_path / "job"
-    run_module.run(compose_run(f"output_dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"))  # on tiny_cifar10
+    job, _, _ = copy_of(finished_job, tmp_path)  # on tiny_cifar10
     with pytest.raises(ValueError, match=r"was calibrated on model='tiny_cifar10' .*not.*small_cifar10|"
                                          r"calibrated on model='tiny_cifar10'.*model=small_cifar10"):
         evaluate_module.evaluate(compose_run(*evaluate_cfg, "model=small_cifar10", f"quantized={job}",
