@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ptq4dm.calibration import CalibrationRecipe, Gaussian, RangeChoice, RangeSearch, Trajectory
+from ptq4dm.calibration import CalibrationRecipe, ChannelBalance, Gaussian, RangeChoice, RangeSearch, Trajectory
 from ptq4dm.diffusion import Conditioning, Sampler
 from ptq4dm.engine import PTQMethod, calibrate_network, calibrate_sampler_outputs
 from ptq4dm.quant import QuantConfig
@@ -58,7 +58,7 @@ def quantize(model: nn.Module, scheduler, config: QuantConfig | None = None,
              sampler: Sampler | None = None, image_shape: tuple[int, int, int] | None = None,
              images: torch.Tensor | None = None, progress: bool = False,
              conditioning: Conditioning | None = None, reconstruction: Reconstruction | None = None,
-             precision: str = "bf16") -> tuple[nn.Module, QuantizationReport]:
+             precision: str = "bf16", balance: ChannelBalance | None = None) -> tuple[nn.Module, QuantizationReport]:
     """A calibrated, fake-quantized copy of ``model``, by the same calibration engine as ``ptq4dm.run``.
 
     ``scheduler`` is the model's diffusers training scheduler; ``sampler`` (default DDIM, 100 steps) is the
@@ -66,7 +66,8 @@ def quantize(model: nn.Module, scheduler, config: QuantConfig | None = None,
     ``conditioning`` (one row per calibration sample; see ``Conditioning``) is what a conditional model is
     sampled and calibrated with; under classifier-free guidance each sample gives two calibration inputs.
     ``reconstruction`` (``ptq4dm.reconstruction``) learns rounding after the range search. ``precision`` is
-    the autocast dtype on CUDA, as ``eval.precision`` (the CPU computes in float32). With
+    the autocast dtype on CUDA, as ``eval.precision`` (the CPU computes in float32). ``balance``
+    (``ChannelBalance``, SmoothQuant) moves per-channel activation spread into the weights before the ranges. With
     ``config.sampler_outputs`` the report's ``sampler_outputs`` quantizes the sampler's own outputs.
     """
     config = config or QuantConfig()
@@ -79,7 +80,7 @@ def quantize(model: nn.Module, scheduler, config: QuantConfig | None = None,
             raise ValueError("image_shape=(C, H, W) is needed for a model without a diffusers config")
         size = cfg.sample_size  # an int, or (H, W) for some diffusers models
         image_shape = (cfg.in_channels, *((size, size) if isinstance(size, int) else size))
-    method = PTQMethod(config, search or RangeSearch(), reconstruction)
+    method = PTQMethod(config, search or RangeSearch(), reconstruction, balance)
     forward = lambda network: denoiser(network, precision)  # noqa: E731
 
     t0 = time.perf_counter()

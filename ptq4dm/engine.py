@@ -5,6 +5,8 @@ Stages, in order, each its own module with its own config:
   place        trace the order the network runs its modules (one forward on a calibration batch), then swap
                layers for quantized ones (``quant.quantize_``, QuantConfig); the first layer is the first
                executed one that reads x_t, the last the last executed
+  balance      optional: per input channel factors moved from activations into weights (SmoothQuant;
+               ``calibration.balance``, balance/)
   ranges       observe full-precision activations and search every quantizer's range (``calibration.search``,
                RangeSearch)
   reconstruct  optional: learn weight rounding and step sizes unit by unit (``reconstruction``, recon/)
@@ -22,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ptq4dm.calibration.balance import ChannelBalance, balance_
 from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.calibration.search import RangeChoice, RangeSearch, calibrate_, describe_quantizer
 from ptq4dm.quant.api import CONV_KINDS, attention_projections, quantize_, quantizers, trace
@@ -34,11 +37,18 @@ Forward = Callable[[nn.Module], Callable]  # network -> denoise(x, t, cond)
 
 @dataclass
 class PTQMethod:
-    """How a network is quantized and calibrated: placement, range search, and optional reconstruction."""
+    """How a network is quantized and calibrated: placement, optional channel balance, range search, and
+    optional reconstruction."""
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     search: RangeSearch = field(default_factory=RangeSearch)
     reconstruction: Reconstruction | None = None
+    balance: ChannelBalance | None = None
+
+    def __post_init__(self):
+        if self.balance is not None and self.quant.act_placement != "input":
+            raise ValueError("balance/ divides each layer's input by per-channel factors: it needs "
+                             f"ops.act_placement='input', not {self.quant.act_placement!r} (choose balance=none)")
 
 
 @dataclass
@@ -73,10 +83,15 @@ def calibrate_network(network: nn.Module, fp_network: nn.Module, calibration: Ca
     traced = trace(fp_network, forward(fp_network), x, t, cond)
     order = traced.order
     quantize_(network, method.quant, traced)
+    timings["placement_seconds"] = time.perf_counter() - t0
+    if method.balance is not None:  # before the ranges: they are searched on the balanced tensors
+        tb = time.perf_counter()
+        balance_(network, forward(network), calibration, method.balance, batch_size, progress)
+        timings["balance_seconds"] = time.perf_counter() - tb
     t1 = time.perf_counter()
     ranges = calibrate_(network, forward(network), calibration, method.search, batch_size, progress)
     t2 = time.perf_counter()
-    timings.update(placement_seconds=t1 - t0, range_search_seconds=t2 - t1)
+    timings["range_search_seconds"] = t2 - t1
     reports: list[UnitReport] = []
     if method.reconstruction is not None:
         context = ReconstructionContext(fp_network, network, forward(fp_network), forward(network), calibration,

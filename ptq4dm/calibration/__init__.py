@@ -1,5 +1,6 @@
 """Calibration: which inputs (calibration sets) and how ranges are chosen from them (range search)."""
 
+from ptq4dm.calibration.balance import ChannelBalance, balance_
 from ptq4dm.calibration.calibset import (
     CalibrationRecipe,
     CalibrationSet,
@@ -32,8 +33,8 @@ from ptq4dm.calibration.timesteps import (
     Uniform,
 )
 
-__all__ = ["ByBitWidth", "CalibrationRecipe", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
+__all__ = ["ByBitWidth", "CalibrationRecipe", "ChannelBalance", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
            "LpDistance", "MinMax", "PearsonDistance", "Percentile", "PureNoise", "RandomSteps", "RangeChoice",
            "RangeMetric", "RangeSearch", "RawImages", "ReferenceGaussian", "ReferenceSingle",
            "ReferenceTrajectory", "Single", "TimestepDistribution", "Trajectory", "Uniform",
-           "build_calibration_set", "calibrate_"]
+           "balance_", "build_calibration_set", "calibrate_"]

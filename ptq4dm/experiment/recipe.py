@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import AcceleratorRegistry
 
-from ptq4dm.calibration import CalibrationRecipe, CalibrationSource, RangeMetric, RangeSearch, TimestepDistribution
+from ptq4dm.calibration import CalibrationRecipe, CalibrationSource, ChannelBalance, RangeMetric, RangeSearch, TimestepDistribution
 from ptq4dm.diffusion.sampler import SAMPLERS, check_prediction_type
 from ptq4dm.engine import PTQMethod
 from ptq4dm.models.factory import custom_schedule, training_timesteps
@@ -20,7 +20,7 @@ from ptq4dm.quant import QuantConfig
 from ptq4dm.reconstruction import Reconstruction
 from ptq4dm.utils.targets import build_typed
 
-AXES = ("model", "sampler", "ops", "bits", "calib", "metric", "weight_metric", "recon")
+AXES = ("model", "sampler", "ops", "bits", "calib", "metric", "weight_metric", "recon", "balance")
 
 
 @dataclass
@@ -151,9 +151,11 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
                          act_ema=ops.act_range_ema)
     reconstruction = None if cfg.recon.method is None else \
         build_typed(cfg.recon.method, "recon.method", Reconstruction)
+    balance = None if cfg.balance.method is None else \
+        build_typed(cfg.balance.method, "balance.method", ChannelBalance)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", *facts) if cfg.calib.sampler else sampler
     axes = {"model": cfg.model.name, "sampler": f"{sampler['name']}-{sampler['steps']}", "ops": ops.name,
             "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name,
-            "weight_metric": cfg.weight_metric.name, "recon": cfg.recon.name}
-    return PTQRecipe(PTQMethod(quant, search, reconstruction), calibration, calib_sampler, axes,
+            "weight_metric": cfg.weight_metric.name, "recon": cfg.recon.name, "balance": cfg.balance.name}
+    return PTQRecipe(PTQMethod(quant, search, reconstruction, balance), calibration, calib_sampler, axes,
                      quantize_decoder=ops.decoder)

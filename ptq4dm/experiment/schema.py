@@ -144,6 +144,12 @@ class ReconConfig:
 
 
 @dataclass
+class BalanceConfig:
+    name: str = MISSING
+    method: Any = None  # {_target_: ptq4dm.calibration.ChannelBalance, its arguments}; null: none
+
+
+@dataclass
 class CalibConfig:
     name: str = MISSING
     source: Any = MISSING  # {_target_: a CalibrationSource subclass, its arguments}
@@ -164,6 +170,7 @@ class RunConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     weight_metric: WeightMetricConfig = field(default_factory=WeightMetricConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: Any = None
     trainer: Any = MISSING

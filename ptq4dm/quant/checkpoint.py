@@ -39,6 +39,8 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     tensors = {f"{part}.{name}.{b}": getattr(q, b).detach().cpu().contiguous()
                for part, module in parts.items() if module is not None
                for name, q in quantizers(module).items() for b in _BUFFERS}
+    tensors.update({f"balance.{name}": layer.balance.detach().cpu().contiguous()  # channel balance factors
+                    for name, layer in _balanced(model)})
     meta = {"quant_config": asdict(config), "edges": getattr(model, "quant_edges", None),
             "edge_roles": getattr(model, "quant_edge_roles", None),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
@@ -48,6 +50,10 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ptq4dm": json.dumps(meta)})
     return path
+
+
+def _balanced(module: nn.Module):
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantLayer) and m.balance is not None]
 
 
 def _disabled(module: nn.Module) -> list[str]:
@@ -139,8 +145,16 @@ def _restore(path: Path, meta: dict, tensors: dict, model: nn.Module, extra: nn.
         model.get_submodule(name).set_split(split)
     targets = {f"{part}.{n}": q for part, module in (("model", model), ("extra", extra), ("decoder", decoder))
                if module is not None for n, q in quantizers(module).items()}
+    balance = {k: v for k, v in tensors.items() if k.startswith("balance.")}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("balance.")}
     expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}
     required = {k for k in expected if k.rsplit(".", 1)[1] not in _OPTIONAL}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    unknown = sorted(k for k in balance if k.removeprefix("balance.") not in layers)
+    if unknown:
+        raise ValueError(f"{path} does not fit this network: balance factors for layers it lacks {unknown[:5]}")
+    for key, factors in balance.items():
+        layers[key.removeprefix("balance.")].set_balance(factors)
     if not required <= set(tensors) <= expected:
         missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"{path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -5,6 +5,11 @@ Weights are quantized per output channel: dim 0 of a Conv/Linear weight, dim 1 o
 (``in, out/groups, kH, kW``). With ``split`` > 0 (shortcut splitting, Q-Diffusion), the input channels [0, split)
 and [split, C) come from two different tensors concatenated at a UNet skip; each part gets its own activation
 quantizer, and the matching slices of the weight their own per-channel scales.
+
+With a channel balance (``set_balance``, SmoothQuant; ``calibration.balance``) the input is divided by one factor
+per input channel before its quantizer and the weight multiplied by the same factor along its input channels
+before its quantizer: the product is unchanged in full precision, and an integer kernel computes the same (the
+factor is part of the activation's quantize step and is folded into the stored weight).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ def input_axis(layer: nn.Module) -> int:
     return 0 if isinstance(layer, nn.ConvTranspose2d) else 1
 
 
+def channel_dim(layer: nn.Module, x: torch.Tensor) -> int:
+    """The dimension of ``x`` (this layer's input) that holds its input channels."""
+    return x.ndim - 1 if isinstance(layer, nn.Linear) else 1
+
+
 class QuantLayer(nn.Module):
     """``act_on="input"`` (the default) quantizes the layer's input; ``"output"`` its output instead, as the
     PTQ4DM reference code does (``output_quantizers``; no input quantizers then)."""
@@ -41,6 +51,7 @@ class QuantLayer(nn.Module):
             raise ValueError(f"act_on={act_on!r}: allowed are 'input' and 'output'")
         self.layer, self.weight_spec, self.activation_spec, self.act_on = layer, weight, activation, act_on
         self.register_buffer("_frozen_weight", None, persistent=False)  # moves with .to(); not saved
+        self.register_buffer("balance", None, persistent=False)  # per input channel (set_balance); saved by checkpoint
         self.output_quantizers = nn.ModuleList(
             [Quantizer(activation, axis=1).to(layer.weight.device)] if activation and act_on == "output" else [])
         self.set_split(split)
@@ -69,15 +80,34 @@ class QuantLayer(nn.Module):
             if self.activation_spec and self.act_on == "input" else [])
         self._frozen_weight = None
 
+    def set_balance(self, factors: torch.Tensor | None) -> None:
+        """Divide the input by ``factors`` (one per input channel) and multiply the weight by them (None: off)."""
+        if factors is not None:
+            channels = self.layer.weight.shape[input_axis(self.layer)]
+            if factors.shape != (channels,):
+                raise ValueError(f"balance factors of shape {tuple(factors.shape)} for {channels} input channels")
+            factors = factors.detach().float().to(self.layer.weight.device)
+        self.balance = factors
+        self._frozen_weight = None
+
+    def balanced_weight(self) -> torch.Tensor:
+        """The weight the weight quantizers see: the layer's own, times the balance factors along its inputs."""
+        w = self.layer.weight
+        if self.balance is None:
+            return w
+        shape = [1] * w.ndim
+        shape[input_axis(self.layer)] = -1
+        return w * self.balance.view(shape).to(w.dtype)
+
     # The weight as the layer computes with it: quantized part by part along the input channels.
     def quantized_weight(self) -> torch.Tensor:
         if self._frozen_weight is not None and all(q.enabled for q in self.weight_quantizers):
             return self._frozen_weight
-        return self._by_part(self.weight_quantizers, self.layer.weight)
+        return self._by_part(self.weight_quantizers, self.balanced_weight())
 
     def weight_part(self, part: int) -> torch.Tensor:
-        """The slice of the weight that weight quantizer ``part`` quantizes."""
-        w = self.layer.weight
+        """The slice of the (balanced) weight that weight quantizer ``part`` quantizes."""
+        w = self.balanced_weight()
         if not self.split:
             return w
         return w[:, : self.split] if part == 0 else w[:, self.split:]
@@ -100,6 +130,10 @@ class QuantLayer(nn.Module):
         return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if self.balance is not None:
+            shape = [1] * x.ndim
+            shape[channel_dim(self.layer, x)] = -1
+            x = x.float() / self.balance.view(shape)  # in fp32: a bf16 quotient would be off by up to a level
         y = self._compute(self._by_part(self.input_quantizers, x), output_size)
         return self.output_quantizers[0](y) if self.output_quantizers else y
 

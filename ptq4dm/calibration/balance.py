@@ -1,0 +1,100 @@
+"""Channel balance (SmoothQuant, Xiao et al. 2023, eq. 4): before the ranges are searched, move part of each
+activation channel's spread into the weight that reads it.
+
+A per-tensor activation grid is as coarse as its widest channel: in a UNet a few input channels of a conv span
+two to six times the median channel's range, and every other channel is rounded on their grid. For each layer
+whose input is quantized, the input channel j is divided by s_j and the weight's input slice j multiplied by it,
+
+    s_j = max|x_j| ** alpha / max|W_:,j| ** (1 - alpha),
+
+so that the full-precision product is unchanged. alpha = 0 leaves activations as they are (only rescaling by the
+weights), 1 makes every activation channel the same width and puts all of the spread into the weights. The
+factors come from the full-precision network on the calibration set (one observation pass) and are saved with
+the quantized checkpoint. An integer kernel computes the same thing: the factor is part of the activation's
+quantize step, and the weight is stored already multiplied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq4dm.calibration.calibset import CalibrationSet
+from ptq4dm.quant.api import layers_reading_input
+from ptq4dm.quant.modules import QuantLayer, channel_dim, input_axis
+
+
+@dataclass
+class ChannelBalance:
+    """SmoothQuant's migration strength ``alpha`` in [0, 1]; factors are clamped to [1/max_factor, max_factor]
+    so that an all-but-dead channel does not blow its weights up."""
+
+    alpha: float = 0.5
+    max_factor: float = 1e4
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha!r}: allowed is a number from 0 to 1")
+        if not self.max_factor >= 1:
+            raise ValueError(f"max_factor={self.max_factor!r}: allowed is 1 or more")
+
+    def factors(self, act_absmax: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
+        """One factor per input channel from the channels' activation and weight extremes."""
+        eps = 1e-8
+        s = act_absmax.clamp_min(eps).pow(self.alpha) / weight_absmax.clamp_min(eps).pow(1 - self.alpha)
+        return s.clamp(1 / self.max_factor, self.max_factor)
+
+
+@torch.no_grad()
+def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: ChannelBalance,
+             batch_size: int = 256, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Set the balance factors of every QuantLayer whose input is quantized, in place, from the full-precision
+    network's activations on ``calibration`` (call before the range search, with the quantizers not yet set).
+    Layers reading the network's own input x_t are left alone unless the config quantizes it. Returns the
+    factors by layer name."""
+    device = next(network.parameters()).device
+    config = getattr(network, "quant_config", None)
+    layers = {n: m for n, m in network.named_modules()
+              if isinstance(m, QuantLayer) and m.input_quantizers and m.act_on == "input"
+              and getattr(m.layer, "groups", 1) == 1}  # a grouped conv's weight does not see every input channel
+    if config is not None and not config.network_input:
+        x, t, cond = next(calibration.batches(1, device))
+        for name in layers_reading_input(network, forward, x, t, cond):
+            layers.pop(name, None)
+    absmax: dict[str, torch.Tensor] = {}
+
+    def observe(name):
+        def hook(module, inputs):
+            x = inputs[0].detach()
+            dim = channel_dim(module.layer, x)
+            m = x.abs().amax(dim=[d for d in range(x.ndim) if d != dim]).float()
+            absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+        return hook
+
+    for layer in layers.values():
+        layer.set_balance(None)  # observe the layer's own input, not a previous balance's quotient
+    handles = [layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
+    try:
+        batches = calibration.batches(batch_size, device)
+        for x, t, cond in tqdm(batches, desc="channel balance", total=calibration.num_batches(batch_size),
+                               disable=not progress, leave=False):
+            forward(x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    chosen = {}
+    for name, layer in layers.items():
+        if name not in absmax:  # never called: nothing to balance
+            continue
+        w = layer.layer.weight.detach().float()
+        axis = input_axis(layer.layer)
+        w_absmax = w.abs().amax(dim=[d for d in range(w.ndim) if d != axis])
+        chosen[name] = balance.factors(absmax[name], w_absmax)
+        layer.set_balance(chosen[name])
+    return chosen
+
+
+__all__ = ["ChannelBalance", "balance_"]

@@ -1,0 +1,107 @@
+"""Channel balance (balance/, SmoothQuant): the full-precision function is unchanged, a wide channel no longer
+sets every channel's grid, the factors survive save and load, and the config checks its values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+import ptq4dm
+from ptq4dm.calibration import CalibrationRecipe, ChannelBalance, RangeSearch, Trajectory, Uniform
+from ptq4dm.models import build_noise_scheduler
+from ptq4dm.quant import QuantConfig, load_quantized, quantizers, save_quantized
+from ptq4dm.quant.modules import QuantLayer
+from ptq4dm.quant.quantizer import QuantSpec
+from ptq4dm.utils.config import CONF_DIR
+from tests.test_reconstruction import tiny_unet
+
+
+def _quantize(balance, unet=None, config=None):
+    scheduler = build_noise_scheduler()
+    return ptq4dm.quantize(unet or tiny_unet(), scheduler, config or QuantConfig(weight_bits=8, act_bits=8),
+                           calibration=CalibrationRecipe(Uniform(), Trajectory(), num_samples=16, batch_size=16),
+                           search=RangeSearch(num_candidates=10, max_values=2048),
+                           sampler=ptq4dm.Sampler(scheduler, "ddim", steps=4), balance=balance)
+
+
+@pytest.fixture(scope="module")
+def balanced_w4a8():
+    """One balanced W4A8 network shared by the tests that only read it."""
+    return _quantize(ChannelBalance(alpha=0.5), config=QuantConfig(weight_bits=4, act_bits=8))
+
+
+def test_balance_leaves_the_full_precision_function_unchanged():
+    fp = tiny_unet()
+    qnet, report = _quantize(ChannelBalance(alpha=0.5))
+    balanced = [m for m in qnet.modules() if isinstance(m, QuantLayer) and m.balance is not None]
+    assert len(balanced) > 20 and "balance_seconds" in report.timings
+    assert any((m.balance - 1).abs().max() > 0.1 for m in balanced)  # the factors do move something
+    for q in quantizers(qnet).values():
+        q.enabled = False
+    for m in qnet.modules():
+        if isinstance(m, QuantLayer):
+            m.unfreeze_weight()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 400, 999])
+    with torch.no_grad():
+        # x / s and W * s in float32: each costs a rounding of relative 2^-24 per value, nothing more
+        torch.testing.assert_close(qnet(x, t).sample, fp(x, t).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_balance_lowers_the_error_of_a_layer_with_one_wide_channel():
+    """One input channel 100 times wider than the rest: per tensor, the other 15 get a few levels; balanced, their
+    steps shrink, and only the wide channel's rounding is left (at most a 16-fold drop; 8-fold measured)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(512, 16)
+    x[:, 3] *= 100
+    errors = {}
+    for alpha in (None, 0.5, 0.9):
+        q = QuantLayer(layer, QuantSpec(8, per_channel=True), QuantSpec(8))
+        if alpha is not None:
+            w_absmax = layer.weight.detach().abs().amax(0)
+            q.set_balance(ChannelBalance(alpha).factors(x.abs().amax(0), w_absmax))
+        xb = x if alpha is None else x / q.balance
+        q.input_quantizers[0].set_range(xb.min(), xb.max())
+        w = q.weight_part(0).detach()
+        q.weight_quantizers[0].set_range(w.amin(1), w.amax(1))
+        with torch.no_grad():
+            errors[alpha] = (q(x) - layer(x)).pow(2).mean().item()
+    assert errors[0.5] < errors[None] / 4 and errors[0.9] < errors[None] / 4, errors
+
+
+def test_balance_factors_survive_save_and_load(tmp_path, balanced_w4a8):
+    qnet, _ = balanced_w4a8
+    save_quantized(qnet, tmp_path)
+    again = load_quantized(tiny_unet(), tmp_path)
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 400, 999])
+    with torch.no_grad():
+        assert torch.equal(again(x, t).sample, qnet(x, t).sample)
+    assert sum(m.balance is not None for m in again.modules() if isinstance(m, QuantLayer)) == \
+        sum(m.balance is not None for m in qnet.modules() if isinstance(m, QuantLayer))
+
+
+def test_layers_reading_x_t_are_not_balanced(balanced_w4a8):
+    qnet, _ = balanced_w4a8
+    assert qnet.conv_in.balance is None  # its input x_t stays in full precision (ops.network_input=false)
+
+
+def test_balance_presets_compose_and_check_their_values():
+    from ptq4dm.experiment.recipe import recipe_from_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        default = compose("run", overrides=["output_dir=x", "logger=none"])
+        smooth = compose("run", overrides=["output_dir=x", "logger=none", "balance=smoothquant",
+                                           "balance.method.alpha=0.7"])
+        bad = compose("run", overrides=["output_dir=x", "logger=none", "balance=smoothquant",
+                                        "balance.method.alpha=1.5"])
+        reference = compose("run", overrides=["output_dir=x", "logger=none", "balance=smoothquant",
+                                              "ops=ptq4dm_reference"])
+    assert recipe_from_config(default).method.balance is None
+    recipe = recipe_from_config(smooth)
+    assert recipe.method.balance == ChannelBalance(alpha=0.7) and recipe.axes["balance"] == "smoothquant"
+    with pytest.raises(ValueError, match=r"balance\.method: alpha=1\.5: allowed is a number from 0 to 1"):
+        recipe_from_config(bad)
+    with pytest.raises(ValueError, match="needs ops.act_placement='input'"):
+        recipe_from_config(reference)
