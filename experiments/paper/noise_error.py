@@ -3,13 +3,16 @@ each variant and measure the relative error of the predicted noise, ||eps_q - ep
 held-out inputs from the FP model's own DDIM trajectories (time steps uniform over the sampler's steps).
 
     python experiments/paper/noise_error.py > experiments/results/noise_error_cpu.txt
+    python experiments/paper/noise_error.py balance > experiments/results/balance_proxy_cpu.txt
 
-Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS to add one.
+Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
+channel-balance set) to add one. The calibration seconds are wall time on whatever else the machine was doing.
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 import time
 
 import torch
@@ -43,14 +46,24 @@ VARIANTS = {
     "FP: down_blocks": ['ops.exclude=["down_blocks.*"]'],
     "FP: up_blocks.3 (32x32 decoder)": ['ops.exclude=["up_blocks.3.*"]'],
 }
+# Channel balance (balance/, SmoothQuant) against range search alone, at W8A8 and W4A8
+BALANCE = {
+    "w8a8 default": [],
+    "w8a8 smoothquant a=0.5": ["balance=smoothquant"],
+    "w8a8 smoothquant a=0.7": ["balance=smoothquant", "balance.method.alpha=0.7"],
+    "w8a8 smoothquant a=0.85": ["balance=smoothquant", "balance.method.alpha=0.85"],
+    "w4a8 default": ["bits=w4a8"],
+    "w4a8 smoothquant a=0.5": ["bits=w4a8", "balance=smoothquant"],
+    "w8a16 (weights only)": ["bits=w8a16"],
+}
 
 
-def main() -> None:
+def main(variants: dict[str, list[str]] = VARIANTS) -> None:
     torch.set_num_threads(2)
     print(f"# {' '.join(BASE)}; CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}")
     print("| variant | relative eps error | t < 200 | t >= 200 | calibration (s) |\n| --- | --- | --- | --- | --- |")
     held_out = None
-    for name, extra in VARIANTS.items():
+    for name, extra in variants.items():
         torch.manual_seed(0)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("run", overrides=BASE + extra)
@@ -73,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(BALANCE if sys.argv[1:] == ["balance"] else VARIANTS)
