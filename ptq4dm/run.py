@@ -262,6 +262,8 @@ def config_digest(cfg: DictConfig) -> str:
             if k not in ("output_dir", "progress", "force", "logger")}
     if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
         keep["ops"].pop("decoder", None)
+    if (keep.get("balance") or {}).get("method") is None:  # added later; none computes what jobs before it did
+        keep.pop("balance", None)
     if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
         keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()

@@ -105,3 +105,16 @@ def test_balance_presets_compose_and_check_their_values():
         recipe_from_config(bad)
     with pytest.raises(ValueError, match="needs ops.act_placement='input'"):
         recipe_from_config(reference)
+
+
+def test_balance_none_keeps_the_digest_of_jobs_made_before_the_axis():
+    """Jobs finished before balance/ existed are still recognised as done; balance=smoothquant is another job."""
+    from omegaconf import OmegaConf
+
+    from ptq4dm.run import config_digest
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        off, on = (compose("run", overrides=[f"balance={v}", "output_dir=x"]) for v in ("none", "smoothquant"))
+    before = OmegaConf.create(OmegaConf.to_container(off))  # untyped: the node can go, as in configs before it
+    del before["balance"]
+    assert config_digest(off) == config_digest(before) != config_digest(on)
