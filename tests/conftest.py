@@ -81,3 +81,17 @@ def small_extractor():
     from tests.small_extractor import register_small_extractor
 
     return register_small_extractor()
+
+
+def run_module_in_process(module: str, args: list[str], monkeypatch) -> int:
+    """``python -m module *args`` in this process (runpy, as ``-m`` runs it, without a new interpreter's ~10 s of
+    imports); returns the exit status a process would have had."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    try:
+        runpy.run_module(module, run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return 0

@@ -1,9 +1,6 @@
 """Your own network through Hydra (model=custom) and through the Python API."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,20 +9,22 @@ from safetensors.torch import save_file
 import ptq4dm
 from ptq4dm.calibration import CalibrationRecipe, Trajectory, Uniform
 from ptq4dm.models import build_noise_scheduler
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import run_module_in_process
 from tests.custom_net import make_net
 from tests.test_run import SMALL
 
 
-def test_the_core_sweep_runs_unchanged_with_a_custom_model(tmp_path):
+def test_the_core_sweep_runs_unchanged_with_a_custom_model(tmp_path, monkeypatch):
+    """The 2 x 2 sweep through ptq4dm.run's Hydra entry point (multirun, basic launcher, summary callback), run as
+    ``python -m`` runs it but in this process: the command line in a process of its own is tested in test_run.py;
+    here only the model differs."""
     ckpt = tmp_path / "net.safetensors"
     save_file(make_net(seed=1).state_dict(), str(ckpt))
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,uniform_ts", "metric=mse,kl", *SMALL,
-           "model=custom", "model.factory._target_=tests.custom_net.make_net", f"model.checkpoint={ckpt}",
-           "logger=none", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["-m", "calib=gaussian_ts,uniform_ts", "metric=mse,kl", *SMALL,
+            "model=custom", "model.factory._target_=tests.custom_net.make_net", f"model.checkpoint={ckpt}",
+            "logger=none", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    assert run_module_in_process("ptq4dm.run", args, monkeypatch) == 0
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(4)]
     assert all(r["status"] == "ok" and r["axes"]["model"] == "custom" for r in results)
     ranges = (sweep / "0" / "ranges.csv").read_text()

@@ -10,9 +10,6 @@ import copy
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +25,7 @@ from ptq4dm.experiment.recipe import recipe_from_config
 from ptq4dm.models.factory import load_model, model_identity
 from ptq4dm.models.pipeline import load_pipeline_model
 from ptq4dm.utils.config import CONF_DIR
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import run_module_in_process
 from tests.test_run import SMALL
 
 transformers = pytest.importorskip("transformers")  # installed with the test extras; SD needs it
@@ -150,16 +147,17 @@ def test_text_prompts_are_encoded_by_the_pipelines_clip_in_full_precision(text_l
     assert images.shape == (2, 3, 16, 16)
 
 
-def test_the_core_sweep_runs_on_a_latent_text_conditional_pipeline(text_latent_pipeline, tmp_path):
+def test_the_core_sweep_runs_on_a_latent_text_conditional_pipeline(text_latent_pipeline, tmp_path, monkeypatch):
+    """The 2 x 2 sweep through ptq4dm.run's Hydra entry point, run as ``python -m`` runs it but in this process
+    (the command line in a process of its own is tested in test_run.py)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na photo of a dog\n")
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,uniform_ts", "metric=mse,kl", *SMALL,
-           "model=stable_diffusion", f"model.pretrained={text_latent_pipeline}", f"model.conditioning.prompts_file={prompts}",
-           "model.conditioning.guidance_scale=2.0", "data=none", "logger=none", f"hydra.sweep.dir={sweep}",
-           f"fp_cache_dir={tmp_path / 'fp'}", "metrics.kid_subset_size=4"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["-m", "calib=gaussian_ts,uniform_ts", "metric=mse,kl", *SMALL,
+            "model=stable_diffusion", f"model.pretrained={text_latent_pipeline}", f"model.conditioning.prompts_file={prompts}",
+            "model.conditioning.guidance_scale=2.0", "data=none", "logger=none", f"hydra.sweep.dir={sweep}",
+            f"fp_cache_dir={tmp_path / 'fp'}", "metrics.kid_subset_size=4"]
+    assert run_module_in_process("ptq4dm.run", args, monkeypatch) == 0
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(4)]
     assert all(r["status"] == "ok" and r["axes"]["model"] == "stable_diffusion" for r in results)
     q = results[0]["quantized"]

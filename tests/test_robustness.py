@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ptq4dm.utils.checkpoints import UnsafeCheckpointError, load_checkpoint
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT, run_module_in_process
 from tests.test_run import SMALL
 
 WRITER = """
@@ -79,21 +79,23 @@ def test_submitit_local_sweep(tmp_path):
     assert (sweep / "summary.md").exists()
 
 
-def test_a_sweep_with_a_failed_job_exits_nonzero_and_summarises_only_its_own_jobs(tmp_path):
+def test_a_sweep_with_a_failed_job_exits_nonzero_and_summarises_only_its_own_jobs(tmp_path, monkeypatch, capsys):
     """Two jobs, the first of which needs real images that are not there: it is reported failed (with its
     overrides), the second still runs and finishes, the summary is written and the sweep exits 1. A job folder an earlier sweep left in the same
-    place is not mixed into the summary (issue "Results you can trust", item 6)."""
+    place is not mixed into the summary (issue "Results you can trust", item 6). Run as ``python -m`` runs it,
+    in this process: the exit status is the one the summary callback's sys.exit gives the process."""
     sweep = tmp_path / "sweep"
     leftover = sweep / "7"
     leftover.mkdir(parents=True)
     (leftover / "results.json").write_text(json.dumps({"status": "ok", "axes": {"calib": "raw"}, "fp": {},
                                                        "quantized": {"fid": 1.0}}))
-    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=forward_ts,gaussian_ts", *SMALL,
-           f"data.root={tmp_path / 'no_data'}", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "1 job(s) of this sweep failed: ['0']" in proc.stderr
+    args = ["-m", "calib=forward_ts,gaussian_ts", *SMALL,
+            f"data.root={tmp_path / 'no_data'}", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    returncode = run_module_in_process("ptq4dm.run", args, monkeypatch)
+    stderr = capsys.readouterr().err
+    assert returncode == 1, stderr[-3000:]
+    assert "1 job(s) of this sweep failed: ['0']" in stderr
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
     assert [r["status"] for r in results] == ["failed", "ok"]
     assert "DataNotFoundError" in results[0]["error"] and "Traceback" in results[0]["traceback"]
