@@ -33,7 +33,7 @@ from ptq4dm.calibration.timesteps import (
     Uniform,
 )
 
-__all__ = ["ByBitWidth", "CalibrationRecipe", "ChannelBalance", "CalibrationSet", "CalibrationSource", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
+__all__ = ["ByBitWidth", "CalibrationRecipe", "CalibrationSet", "CalibrationSource", "ChannelBalance", "CosineDistance", "ForwardNoised", "Gaussian", "KLDivergence",
            "LpDistance", "MinMax", "PearsonDistance", "Percentile", "PureNoise", "RandomSteps", "RangeChoice",
            "RangeMetric", "RangeSearch", "RawImages", "ReferenceGaussian", "ReferenceSingle",
            "ReferenceTrajectory", "Single", "TimestepDistribution", "Trajectory", "Uniform",

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import AcceleratorRegistry
 
-from ptq4dm.calibration import CalibrationRecipe, CalibrationSource, ChannelBalance, RangeMetric, RangeSearch, TimestepDistribution
+from ptq4dm.calibration import (CalibrationRecipe, CalibrationSource, ChannelBalance, RangeMetric, RangeSearch,
+                                TimestepDistribution)
 from ptq4dm.diffusion.sampler import SAMPLERS, check_prediction_type
 from ptq4dm.engine import PTQMethod
 from ptq4dm.models.factory import custom_schedule, training_timesteps
