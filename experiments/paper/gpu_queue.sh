@@ -23,7 +23,15 @@ PY
 echo "$(date +%T) benchmark"
 [ $# -gt 0 ] || [ -f "$STATE/results/benchmark.json" ] || python3 experiments/paper/benchmark.py --compile \
   --out "$STATE/results/benchmark.json" > "$STATE/logs/benchmark.log" 2>&1
-echo "$(date +%T) benchmark exit $?; waiting for the FID network"
+echo "$(date +%T) benchmark exit $?"
+# ALONE (recon_benchmark.py arguments, optional): one reconstruction measured alone on the GPU while the FID network
+# arrives, before the streams share it, e.g. ALONE="quality --bits w4a8 --recon qdrop --iters 5000 --images 64".
+if [ -n "${ALONE:-}" ]; then
+  python3 experiments/reconstruction/recon_benchmark.py --out "$STATE/results/recon_alone.json" $ALONE \
+    > "$STATE/logs/alone.log" 2>&1
+  echo "$(date +%T) alone exit $?"
+fi
+echo "$(date +%T) waiting for the FID network"
 while [ ! -f "$STATE/default_1.pt" ]; do sleep 5; done
 
 stream() {  # experiment:bits[:override ...] ...

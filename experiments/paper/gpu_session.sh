@@ -4,7 +4,8 @@
 # that survives between calls; state lives in $STATE, outside the repository copy (re-synced at every call).
 #
 #   bash experiments/paper/gpu_session.sh start [STREAM ...]  # install wheels, unpack data, start the queue
-#                                                      (streams: see gpu_queue.sh; default: all, benchmark first)
+#                                                      (streams: see gpu_queue.sh; default: all, benchmark first;
+#                                                      ALONE=<recon_benchmark.py arguments>: one measurement alone first)
 #   bash experiments/paper/gpu_session.sh put PARTS    # receive what this call carried (.fidpN, .gpu_data);
 #                                                      the FID network is joined once all PARTS parts are in
 #   bash experiments/paper/gpu_session.sh poll SECONDS # wait (at most SECONDS), then pack results into $OUT

@@ -4,9 +4,11 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
 
     python experiments/paper/noise_error.py > experiments/results/noise_error_cpu.txt
     python experiments/paper/noise_error.py balance > experiments/results/balance_proxy_cpu.txt
+    python experiments/paper/noise_error.py timesteps > experiments/results/timestep_ranges_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
-channel-balance set) to add one. The calibration seconds are wall time on whatever else the machine was doing.
+channel-balance set, or TIMESTEPS) to add one. The calibration seconds are wall time on whatever else the machine
+was doing.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ BALANCE = {
     "w4a8 smoothquant a=0.5": ["bits=w4a8", "balance=smoothquant"],
     "w8a16 (weights only)": ["bits=w8a16"],
 }
+# Where the W8A8 error lives in time: calibration time steps concentrated near t = 0 against NDTC (does a range
+# fitted to late steps lower their error? if so, time-step-aware activation ranges are worth building)
+TIMESTEPS = {
+    "w8a8 NDTC (0.4, 0.4)": [],
+    "w8a8 calibrated at t ~ N(0.05 T, 0.05 T)": ["calib.timesteps.mean=0.05", "calib.timesteps.std=0.05"],
+}
 
 
 def main(variants: dict[str, list[str]] = VARIANTS) -> None:
@@ -86,4 +94,4 @@ def main(variants: dict[str, list[str]] = VARIANTS) -> None:
 
 
 if __name__ == "__main__":
-    main(BALANCE if sys.argv[1:] == ["balance"] else VARIANTS)
+    main({"balance": BALANCE, "timesteps": TIMESTEPS}.get(sys.argv[1] if sys.argv[1:] else "", VARIANTS))
