@@ -149,3 +149,20 @@ def test_collect_results_files_a_shared_job_under_the_sweep_that_reuses_it(tmp_p
     # Hydra's spelling of the point: 0.50 is filed as 0.5, where the sweep's own job would be
     with pytest.raises(FileExistsError, match="own job"):
         COLLECT["file_shared_job"](shared, own.parent, ("calib.timesteps.t=0.250",))
+
+
+def test_collect_results_previous_adds_an_earlier_machines_jobs_and_keeps_this_ones(tmp_path):
+    """collect_results.py --previous: jobs of an earlier collection that the sweep folder lacks come back as job
+    folders (so one summary covers several sessions); a job this machine ran is never replaced by the old record."""
+    record = {"status": "ok", "axes": {"bits": "w8a8", "recon": "qdrop"}, "overrides": ["bits=w8a8", "recon=qdrop"],
+              "fp": {"fid": 18.3}, "quantized": {"fid": 19.0}}
+    sweep = tmp_path / "multirun" / "main_10k"
+    (sweep / "bits=w8a8,recon=qdrop").mkdir(parents=True)
+    (sweep / "bits=w8a8,recon=qdrop" / "results.json").write_text(json.dumps({**record, "quantized": {"fid": 18.9}}))
+    previous = tmp_path / "jobs.json"
+    previous.write_text(json.dumps([{"job": "bits=w8a8,recon=qdrop", **record},
+                                    {"job": "bits=w4a8,recon=qdrop", **record, "axes": {"bits": "w4a8"}}]))
+    jobs = COLLECT["collect"](sweep, tmp_path / "collected", grids=0, previous=previous)
+    assert {j["job"]: j["quantized"]["fid"] for j in jobs} == {"bits=w4a8,recon=qdrop": 19.0,
+                                                               "bits=w8a8,recon=qdrop": 18.9}
+    assert len(load_jobs(tmp_path / "collected")) == 2
