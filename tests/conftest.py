@@ -88,10 +88,14 @@ def run_module_in_process(module: str, args: list[str], monkeypatch) -> int:
     imports); returns the exit status a process would have had."""
     import runpy
     import sys
+    import traceback
 
     monkeypatch.setattr(sys, "argv", [module, *args])
     try:
         runpy.run_module(module, run_name="__main__")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Exception:  # noqa: BLE001 - as the interpreter ends on an uncaught exception (Hydra re-raises one under
+        traceback.print_exc()  # HYDRA_FULL_ERROR=1 or a tracer such as coverage): the traceback on stderr, status 1
+        return 1
     return 0

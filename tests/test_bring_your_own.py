@@ -3,9 +3,6 @@ ConvTranspose2d upsampling, its own betas) through the command line and the Pyth
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from ptq4dm.metrics.scoring import pixel_errors
 from ptq4dm.models import build_noise_scheduler
 from ptq4dm.utils.images import image_grid
 from tests.byo_net import make_net
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import run_module_in_process
 from tests.test_run import SMALL
 
 T = 200  # the network's own number of training steps (its time embedding has one row per step)
@@ -31,18 +28,21 @@ def their_betas() -> list[float]:
     return [round(b, 6) for b in torch.linspace(1e-4, 0.06, T).tolist()]
 
 
-def test_bring_your_own_model_through_the_cli(tmp_path):
+def test_bring_your_own_model_through_the_cli(tmp_path, monkeypatch, capsys):
+    """``python -m ptq4dm.run ...``, run as ``-m`` runs it (Hydra's entry point) but in this process: the command
+    line in a process of its own is tested in test_run.py; here only the model differs."""
     ckpt = tmp_path / "net.safetensors"
     save_file(make_net(T).state_dict(), str(ckpt))
     job = tmp_path / "job"
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "model=custom", "model.factory._target_=tests.byo_net.make_net",
-           f"+model.factory.num_train_timesteps={T}", f"model.checkpoint={ckpt}", "model.image_shape=[1,28,28]",
-           f"model.scheduler.num_train_timesteps={T}", f"model.scheduler.trained_betas={their_betas()}",
-           "model.scheduler.timestep_spacing=trailing", f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (proc.stdout + proc.stderr).count("the images have 1 channel: it is repeated to 3 for Inception") == 1
+    args = [*SMALL, "model=custom", "model.factory._target_=tests.byo_net.make_net",
+            f"+model.factory.num_train_timesteps={T}", f"model.checkpoint={ckpt}", "model.image_shape=[1,28,28]",
+            f"model.scheduler.num_train_timesteps={T}", f"model.scheduler.trained_betas={their_betas()}",
+            "model.scheduler.timestep_spacing=trailing", f"hydra.run.dir={job}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    returncode = run_module_in_process("ptq4dm.run", args, monkeypatch)
+    out, err = capsys.readouterr()
+    assert returncode == 0, err[-3000:]
+    assert (out + err).count("the images have 1 channel: it is repeated to 3 for Inception") == 1
 
     results = json.loads((job / "results.json").read_text())
     assert results["status"] == "ok" and results["inception_input"] == "1 channel repeated to 3"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ptq4dm.models import DiffusionModel, build_noise_scheduler, build_unet, save_diffusion_model
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT, run_module_in_process
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,13 @@ def _evaluate(*overrides):
     """The command line, ``python -m ptq4dm.evaluate``."""
     cmd = [sys.executable, "-m", "ptq4dm.evaluate", "trainer.enable_progress_bar=false", *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=True)
+
+
+def _evaluate_cli_in_process(monkeypatch, *overrides):
+    """The command line, ``python -m ptq4dm.evaluate``, run as ``-m`` runs it (Hydra's entry point, config
+    composition and output folder) but in this process, without a new interpreter's imports."""
+    args = ["trainer.enable_progress_bar=false", *overrides]
+    assert run_module_in_process("ptq4dm.evaluate", args, monkeypatch) == 0
 
 
 def _evaluate_here(*overrides):
@@ -59,9 +66,11 @@ def test_missing_data_and_statistics_fail_before_sampling(random_model_dir, tmp_
     assert not (tmp_path / "run" / "samples").exists()  # nothing was sampled
 
 
-def test_evaluate_samples_a_saved_quantized_model_without_recalibrating(random_model_dir, image_folder_root, tmp_path):
+def test_evaluate_samples_a_saved_quantized_model_without_recalibrating(random_model_dir, image_folder_root, tmp_path,
+                                                                       monkeypatch):
     """A job folder's quantization.safetensors, reloaded by the CLI, gives exactly the images of the model that
-    was calibrated and saved (same seeds); a wrong path fails first, naming the key."""
+    was calibrated and saved (same seeds); a wrong path fails first, naming the key. (The CLI's entry point in
+    this process: the command line in a process of its own is test_evaluate_cli_end_to_end.)"""
     import copy
 
     from ptq4dm.api import as_denoiser
@@ -85,9 +94,9 @@ def test_evaluate_samples_a_saved_quantized_model_without_recalibrating(random_m
     unquantized = SamplingModule(model.unet.eval(), sampler, seed=0).predict_step(torch.arange(4))["images"]
 
     run = tmp_path / "run"
-    _evaluate(f"model.pretrained={random_model_dir}", f"quantized={job}", f"data.root={image_folder_root}",
-              "eval.num_samples=4", "eval.batch_size=4", "sampler.steps=3", "metrics.kid_subset_size=4",
-              f"hydra.run.dir={run}")
+    _evaluate_cli_in_process(monkeypatch, f"model.pretrained={random_model_dir}", f"quantized={job}",
+                             f"data.root={image_folder_root}", "eval.num_samples=4", "eval.batch_size=4",
+                             "sampler.steps=3", "metrics.kid_subset_size=4", f"hydra.run.dir={run}")
     got = load_shards(run / "samples", 4)
     assert torch.equal(got, expected)
     assert not torch.equal(got, unquantized)

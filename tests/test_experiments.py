@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import runpy
@@ -20,8 +21,10 @@ SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")
                 if "sweeper" in (p.read_text()))
 
 
+@functools.lru_cache(maxsize=None)
 def sweep_params(name: str) -> dict[str, str]:
-    """The experiment's sweeper params: key -> comma list."""
+    """The experiment's sweeper params: key -> comma list (composed once per experiment and session; callers
+    copy it, never change it)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("run", overrides=[f"experiment={name}"], return_hydra_config=True)
     return {k: str(v) for k, v in OmegaConf.to_container(cfg.hydra.sweeper.params).items()}
@@ -33,6 +36,14 @@ def sweep_jobs(name: str, **overrides: str) -> list[list[str]]:
     params = {**sweep_params(name), **overrides}
     axes = [[f"{k}={v.strip()}" for v in values.split(",")] for k, values in params.items()]
     return [list(job) for job in itertools.product(*axes)]
+
+
+@functools.lru_cache(maxsize=None)
+def run_digest(*overrides: str) -> str:
+    """config_digest of the run config with ``overrides`` (a string; composed once per session: the same
+    comparison config recurs in every test_points_shared_between_sweeps_are_one_job)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return config_digest(compose("run", overrides=list(overrides)))
 
 
 def test_the_paper_experiments_exist():
@@ -96,13 +107,10 @@ def test_points_shared_between_sweeps_are_one_job(name):
     under the other sweep too: honest only if the two jobs compute the same thing (equal config digests)."""
     calib, overrides = COLLECT["SHARED_POINTS"][name]
     for bits in ("w8a8", "w4a8"):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            point = compose("run", overrides=[f"experiment={name}", f"bits={bits}", *overrides, "output_dir=x"])
-            source = compose("run", overrides=[f"experiment={COLLECT['SHARED_SOURCE']}", f"bits={bits}",
-                                               f"calib={calib}", "output_dir=y"])
-            other = compose("run", overrides=[f"experiment={COLLECT['SHARED_SOURCE']}", f"bits={bits}",
-                                              "calib=uniform_ts", "output_dir=y"])
-        assert config_digest(point) == config_digest(source) != config_digest(other)
+        point = run_digest(f"experiment={name}", f"bits={bits}", *overrides, "output_dir=x")
+        source = run_digest(f"experiment={COLLECT['SHARED_SOURCE']}", f"bits={bits}", f"calib={calib}", "output_dir=y")
+        other = run_digest(f"experiment={COLLECT['SHARED_SOURCE']}", f"bits={bits}", "calib=uniform_ts", "output_dir=y")
+        assert point == source != other
 
 
 def queued_jobs() -> dict[str, set[frozenset[str]]]:

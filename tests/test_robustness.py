@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ptq4dm.utils.checkpoints import UnsafeCheckpointError, load_checkpoint
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT, run_module_in_process
+from tests.conftest import REPO, run_module_in_process
 from tests.test_run import SMALL
 
 WRITER = """
@@ -65,15 +65,16 @@ def test_a_plain_checkpoint_loads(tmp_path):
     assert load_checkpoint(path)["global_step"] == 3
 
 
-def test_submitit_local_sweep(tmp_path):
+def test_submitit_local_sweep(tmp_path, monkeypatch, capsys):
     """The same path a SLURM sweep takes (hydra-submitit-launcher), run locally: one job (each is a process of
-    its own there; the basic launcher's multi-job sweeps are tested in test_run.py)."""
+    its own there; the basic launcher's multi-job sweeps are tested in test_run.py). The sweep itself runs as
+    ``python -m`` runs it, in this process; the launcher pickles the job and runs it in a process of its own."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
-           "calib=uniform_ts", *SMALL, "logger=none", f"hydra.sweep.dir={sweep}",
-           f"fp_cache_dir={tmp_path / 'fp'}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", "calib=uniform_ts", *SMALL,
+            "logger=none", f"hydra.sweep.dir={sweep}", f"fp_cache_dir={tmp_path / 'fp'}"]
+    monkeypatch.chdir(REPO)
+    returncode = run_module_in_process("ptq4dm.run", args, monkeypatch)
+    assert returncode == 0, capsys.readouterr().err[-3000:]
     result = json.loads((sweep / "0" / "results.json").read_text())
     assert result["status"] == "ok" and result["axes"]["calib"] == "uniform_ts"
     assert (sweep / "summary.md").exists()

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT, run_module_in_process
 
 STAGES = ("setup", "fp_samples", "calibration", "quantized_samples", "scoring")
 SMALL = ["sampler.steps=5", "eval.num_samples=8", "eval.batch_size=8", "calib.num_samples=8", "calib.batch_size=8",
          "metric.num_candidates=20", "metric.max_values=4096", "metrics.kid_subset_size=4", "progress=false"]
 
 
-def test_two_by_two_multirun(tmp_path):
+def test_two_by_two_multirun(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "ptq4dm.run", "-m", "calib=gaussian_ts,uniform_ts", "metric=mse,kl", *SMALL,
@@ -56,11 +56,15 @@ def test_two_by_two_multirun(tmp_path):
         assert (sweep / str(i) / "quantization.safetensors").exists()
 
     # Re-running the same sweep skips every finished job: no results rewritten, no new W&B run, no sampling.
+    # The same command, run as ``python -m`` runs it but in this process (the first run above is the process).
     stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
     shards = {p: p.stat().st_mtime_ns for p in sweep.glob("*/samples/shard-*.pt")}
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (again.stderr + again.stdout).count("already done with the same config, code and inputs") == 4
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    capsys.readouterr()
+    returncode = run_module_in_process("ptq4dm.run", cmd[3:], monkeypatch)
+    again = capsys.readouterr()
+    assert returncode == 0, again.err[-3000:]
+    assert (again.err + again.out).count("already done with the same config, code and inputs") == 4
     assert {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")} == stamps
     assert {p: p.stat().st_mtime_ns for p in sweep.glob("*/samples/shard-*.pt")} == shards
     assert len(list(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))) == 4

@@ -2,12 +2,13 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import torch
 
 from ptq4dm.models import build_noise_scheduler, build_unet, load_diffusion_model
 from ptq4dm.training import DiffusionTraining
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT, synthetic_images
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT, run_module_in_process, synthetic_images
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
@@ -38,8 +39,10 @@ def test_ema_follows_the_live_weights():
     torch.testing.assert_close(ema, first_ema + 0.9 * (live - first_ema))
 
 
-def test_train_cli_runs_resumes_and_exports(image_folder_root, tmp_path):
-    """The real CLI on a tiny job: W&B offline logging, checkpoint, resume, diffusers export."""
+def test_train_cli_runs_resumes_and_exports(image_folder_root, tmp_path, monkeypatch):
+    """The real CLI on a tiny job: W&B offline logging, checkpoint, resume, diffusers export. The first run is a
+    process of its own; the resumed one runs the same command as ``python -m`` runs it, in this process (its
+    pl.seed_everything environment variables are undone afterwards)."""
     run_dir = tmp_path / "run"
     common = [sys.executable, "-m", "ptq4dm.train", f"data.root={image_folder_root}", "train.batch_size=8",
               "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", "train.compile=false"]
@@ -48,7 +51,8 @@ def test_train_cli_runs_resumes_and_exports(image_folder_root, tmp_path):
     first = json.loads((run_dir / "train_summary.json").read_text())
     assert first["images_seen"] == 24 and first["steps"] == 3
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    subprocess.run(common + ["trainer.max_steps=5"], check=True, cwd=REPO, env=env, timeout=SUBPROCESS_TIMEOUT)
+    with mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}):
+        assert run_module_in_process("ptq4dm.train", common[3:] + ["trainer.max_steps=5"], monkeypatch) == 0
     second = json.loads((run_dir / "train_summary.json").read_text())
     assert second["images_seen"] == 40 and second["steps"] == 5  # resumed from last.ckpt, not restarted
     model = load_diffusion_model(run_dir / "model")

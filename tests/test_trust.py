@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 import ptq4dm.run as run_module
 from ptq4dm.evaluation import load_shards
 from ptq4dm.utils.config import CONF_DIR
-from tests.conftest import REPO, SUBPROCESS_TIMEOUT
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT, run_module_in_process
 from tests.custom_net import make_net
 from tests.test_run import SMALL
 
@@ -236,13 +236,16 @@ def test_a_second_process_waits_for_the_fp_images_and_reuses_them(tmp_path):
 
 # -- 5 ---------------------------------------------------------------------------------------------------------
 
-def test_a_failed_rerun_keeps_the_finished_result_and_records_the_failure_beside_it(tmp_path, finished_job):
+def test_a_failed_rerun_keeps_the_finished_result_and_records_the_failure_beside_it(tmp_path, finished_job,
+                                                                                    monkeypatch, capsys):
+    """The command line's entry point (Hydra's main, its error report and exit status), run as ``python -m``
+    runs it but in this process (a process of its own is test_a_second_process_waits_for_the_fp_images...)."""
     job, fp, _ = copy_of(finished_job, tmp_path)
     before = job_files(job)
-    cmd = [sys.executable, "-m", "ptq4dm.run", *SMALL, "logger=none", fp, *FINISHED_SIZES, f"hydra.run.dir={job}",
-           "bits.weight=1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode != 0 and "bits.weight=1" in proc.stderr
+    args = [*SMALL, "logger=none", fp, *FINISHED_SIZES, f"hydra.run.dir={job}", "bits.weight=1"]
+    returncode = run_module_in_process("ptq4dm.run", args, monkeypatch)
+    stderr = capsys.readouterr().err
+    assert returncode != 0 and "bits.weight=1" in stderr
     after = job_files(job)
     failure = json.loads(after.pop("failure.json"))
     assert after == before  # results.json, quantization.safetensors, ranges.csv, grids: byte for byte
