@@ -22,7 +22,11 @@ def test_images_do_not_depend_on_batching(unet, name, tmp_path):
     b = generate_images(SamplingModule(unet, sampler, seed=7), 5, 3, tmp_path / "b", kwargs)
     c = generate_images(SamplingModule(unet, sampler, seed=8), 5, 5, tmp_path / "c", kwargs)
     assert a.shape == (5, 3, 32, 32) and a.dtype == torch.uint8
-    assert torch.equal(a, b)
+    # Same noise per image whatever the batch. The batch size changes the CPU convolutions' summation order, so
+    # the float images agree to about 1e-6, and a value that close to a rounding boundary may land one uint8 level
+    # apart (one of 15,360 values did on one machine): at most one level, on a handful of values.
+    step = (a.int() - b.int()).abs()
+    assert step.max() <= 1 and (step > 0).sum() <= 10
     assert not torch.equal(a, c)  # another seed, other images
 
 
