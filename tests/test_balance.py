@@ -118,3 +118,34 @@ def test_balance_none_keeps_the_digest_of_jobs_made_before_the_axis():
     before = OmegaConf.create(OmegaConf.to_container(off))  # untyped: the node can go, as in configs before it
     del before["balance"]
     assert config_digest(off) == config_digest(before) != config_digest(on)
+
+
+def test_a_sample_quantile_keeps_one_outlying_sample_from_setting_a_channels_factor():
+    """100 samples' channel maxima, one sample 50 times wider in channel 0: the maximum (SmoothQuant) follows that
+    sample, the 0.99 quantile (linear interpolation between the two largest of 100) sits at most 1% of the way to
+    it, and sample_quantile=1 is exactly the maximum."""
+    torch.manual_seed(0)
+    per_sample = torch.rand(100, 4) + 1  # each sample's maxima in [1, 2)
+    per_sample[17, 0] = 100.0
+    smooth, robust = ChannelBalance(alpha=0.5), ChannelBalance(alpha=0.5, sample_quantile=0.99)
+    assert torch.equal(smooth.channel_extremes(per_sample), per_sample.amax(0))
+    extremes = robust.channel_extremes(per_sample)
+    assert extremes[0] < 2 + 0.01 * 100 and (extremes[1:] <= per_sample[:, 1:].amax(0)).all()
+    with pytest.raises(ValueError, match=r"sample_quantile=0: allowed is a number above 0, at most 1"):
+        ChannelBalance(sample_quantile=0)
+
+
+def test_the_quantile_preset_composes_and_balances_a_network():
+    from ptq4dm.experiment.recipe import recipe_from_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=["output_dir=x", "logger=none", "balance=smoothquant_quantile"])
+    assert recipe_from_config(cfg).method.balance == ChannelBalance(alpha=0.5, sample_quantile=0.99)
+    qnet, _ = _quantize(ChannelBalance(alpha=0.5, sample_quantile=0.9))
+    reference, _ = _quantize(ChannelBalance(alpha=0.5))
+    robust = {n: m.balance for n, m in qnet.named_modules() if isinstance(m, QuantLayer) and m.balance is not None}
+    smooth = {n: m.balance for n, m in reference.named_modules() if isinstance(m, QuantLayer) and m.balance is not None}
+    assert robust.keys() == smooth.keys() and len(robust) > 20
+    # a lower statistic for max|x_j| gives factors at most SmoothQuant's (s grows with it), and some lower
+    assert all((robust[n] <= smooth[n] * (1 + 1e-6)).all() for n in robust)
+    assert any((robust[n] < smooth[n] * 0.99).any() for n in robust)

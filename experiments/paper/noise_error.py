@@ -5,6 +5,7 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py > experiments/results/noise_error_cpu.txt
     python experiments/paper/noise_error.py balance > experiments/results/balance_proxy_cpu.txt
     python experiments/paper/noise_error.py timesteps > experiments/results/timestep_ranges_proxy_cpu.txt
+    python experiments/paper/noise_error.py balance_quantile > experiments/results/balance_quantile_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
 channel-balance set, or TIMESTEPS) to add one. The calibration seconds are wall time on whatever else the machine
@@ -58,6 +59,19 @@ BALANCE = {
     "w4a8 smoothquant a=0.5": ["bits=w4a8", "balance=smoothquant"],
     "w8a16 (weights only)": ["bits=w8a16"],
 }
+# SmoothQuant's max|x_j| against a quantile over calibration samples of each sample's channel maximum
+# (balance=smoothquant_quantile): does keeping the most extreme samples from setting the factors help?
+BALANCE_QUANTILE = {
+    "w8a8 default": [],
+    "w8a8 smoothquant (max)": ["balance=smoothquant"],
+    "w8a8 smoothquant_quantile q=0.99": ["balance=smoothquant_quantile"],
+    "w8a8 smoothquant_quantile q=0.9": ["balance=smoothquant_quantile", "balance.method.sample_quantile=0.9"],
+    "w8a8 smoothquant_quantile q=0.5": ["balance=smoothquant_quantile", "balance.method.sample_quantile=0.5"],
+    # main_10k's calibration size, where one outlying trajectory among 1024 is what the quantile should ignore
+    "w8a8 default, 1024 samples": ["calib.num_samples=1024"],
+    "w8a8 smoothquant (max), 1024 samples": ["calib.num_samples=1024", "balance=smoothquant"],
+    "w8a8 smoothquant_quantile q=0.99, 1024 samples": ["calib.num_samples=1024", "balance=smoothquant_quantile"],
+}
 # Where the W8A8 error lives in time: calibration time steps concentrated near t = 0 against NDTC (does a range
 # fitted to late steps lower their error? if so, time-step-aware activation ranges are worth building)
 TIMESTEPS = {
@@ -94,4 +108,4 @@ def main(variants: dict[str, list[str]] = VARIANTS) -> None:
 
 
 if __name__ == "__main__":
-    main({"balance": BALANCE, "timesteps": TIMESTEPS}.get(sys.argv[1] if sys.argv[1:] else "", VARIANTS))
+    main({"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS}.get(sys.argv[1] if sys.argv[1:] else "", VARIANTS))

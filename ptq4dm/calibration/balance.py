@@ -12,6 +12,11 @@ weights), 1 makes every activation channel the same width and puts all of the sp
 factors come from the full-precision network on the calibration set (one observation pass) and are saved with
 the quantized checkpoint. An integer kernel computes the same thing: the factor is part of the activation's
 quantize step, and the weight is stored already multiplied.
+
+max|x_j| is SmoothQuant's statistic, the largest value over the whole calibration set, so one outlying sample
+sets a channel's factor. ``sample_quantile`` < 1 takes instead that quantile over the calibration samples of each
+sample's own channel maximum (0.99: the 1% most extreme samples no longer set it); the range search after it
+still sees every value.
 """
 
 from __future__ import annotations
@@ -30,16 +35,26 @@ from ptq4dm.quant.modules import QuantLayer, channel_dim, input_axis
 @dataclass
 class ChannelBalance:
     """SmoothQuant's migration strength ``alpha`` in [0, 1]; factors are clamped to [1/max_factor, max_factor]
-    so that an all-but-dead channel does not blow its weights up."""
+    so that an all-but-dead channel does not blow its weights up. ``sample_quantile`` in (0, 1]: which quantile
+    over calibration samples of each sample's channel maximum stands for max|x_j| (1: the maximum, SmoothQuant)."""
 
     alpha: float = 0.5
     max_factor: float = 1e4
+    sample_quantile: float = 1.0
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha={self.alpha!r}: allowed is a number from 0 to 1")
         if not self.max_factor >= 1:
             raise ValueError(f"max_factor={self.max_factor!r}: allowed is 1 or more")
+        if not 0 < self.sample_quantile <= 1:
+            raise ValueError(f"sample_quantile={self.sample_quantile!r}: allowed is a number above 0, at most 1")
+
+    def channel_extremes(self, per_sample_absmax: torch.Tensor) -> torch.Tensor:
+        """max|x_j| from each calibration sample's channel maxima, shape (samples, channels)."""
+        if self.sample_quantile == 1:
+            return per_sample_absmax.amax(dim=0)
+        return torch.quantile(per_sample_absmax, self.sample_quantile, dim=0)
 
     def factors(self, act_absmax: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
         """One factor per input channel from the channels' activation and weight extremes."""
@@ -64,14 +79,16 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
         x, t, cond = next(calibration.batches(1, device))
         for name in layers_reading_input(network, forward, x, t, cond):
             layers.pop(name, None)
-    absmax: dict[str, torch.Tensor] = {}
+    per_sample: dict[str, list[torch.Tensor]] = {}
 
     def observe(name):
         def hook(module, inputs):
             x = inputs[0].detach()
             dim = channel_dim(module.layer, x)
-            m = x.abs().amax(dim=[d for d in range(x.ndim) if d != dim]).float()
-            absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+            # each sample's channel maxima (dim 0 is the batch in both conv and token layouts)
+            rest = [d for d in range(x.ndim) if d not in (0, dim)]
+            m = (x.abs().amax(dim=rest) if rest else x.abs()).float()  # amax over no dims would reduce all
+            per_sample.setdefault(name, []).append(m if dim != 0 else m.unsqueeze(0))
         return hook
 
     for layer in layers.values():
@@ -87,12 +104,13 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
             h.remove()
     chosen = {}
     for name, layer in layers.items():
-        if name not in absmax:  # never called: nothing to balance
+        if name not in per_sample:  # never called: nothing to balance
             continue
+        act_absmax = balance.channel_extremes(torch.cat(per_sample.pop(name)))
         w = layer.layer.weight.detach().float()
         axis = input_axis(layer.layer)
         w_absmax = w.abs().amax(dim=[d for d in range(w.ndim) if d != axis])
-        chosen[name] = balance.factors(absmax[name], w_absmax)
+        chosen[name] = balance.factors(act_absmax, w_absmax)
         layer.set_balance(chosen[name])
     return chosen
 
