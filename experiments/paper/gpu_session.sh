@@ -19,7 +19,10 @@
 #                one folder each (.fidpaa/fid.xz.partaa, ...); the start call carries .whl only.
 # The machine is given back after 30 s without a call: check that `start` reported the GPU before sending parts,
 # and issue the puts and polls back to back (a session lost a running queue to a 6-minute gap, and another polled
-# an empty machine for 9 minutes after its start had been refused).
+# an empty machine for 9 minutes after its start had been refused). A machine can also be taken back for other
+# work in the middle of a call: what that call would have packed is lost with it (2026-12-03: a 540 s poll, four
+# streams, ~500 s of device time). Polls of about 300 s bring finished jobs back sooner; a start costs ~90 s of
+# device time before the command runs.
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
