@@ -21,7 +21,7 @@
 # and issue the puts and polls back to back (a session lost a running queue to a 6-minute gap, and another polled
 # an empty machine for 9 minutes after its start had been refused). A machine can also be taken back for other
 # work in the middle of a call: what that call would have packed is lost with it (2026-12-03: a 540 s poll, four
-# streams, ~500 s of device time). Polls of about 300 s bring finished jobs back sooner; a start costs ~90 s of
+# streams, ~480 s of device time). Polls of about 300 s bring finished jobs back sooner; a start costs ~90 s of
 # device time before the command runs.
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.

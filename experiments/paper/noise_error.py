@@ -8,8 +8,8 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py balance_quantile > experiments/results/balance_quantile_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
-channel-balance set, or TIMESTEPS) to add one. The calibration seconds are wall time on whatever else the machine
-was doing.
+channel-balance set, BALANCE_QUANTILE, or TIMESTEPS) to add one. The calibration seconds are wall time on
+whatever else the machine was doing.
 """
 
 from __future__ import annotations
@@ -108,4 +108,5 @@ def main(variants: dict[str, list[str]] = VARIANTS) -> None:
 
 
 if __name__ == "__main__":
-    main({"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS}.get(sys.argv[1] if sys.argv[1:] else "", VARIANTS))
+    sets = {"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS}
+    main(sets.get(sys.argv[1] if sys.argv[1:] else "", VARIANTS))

@@ -88,7 +88,12 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
             # each sample's channel maxima (dim 0 is the batch in both conv and token layouts)
             rest = [d for d in range(x.ndim) if d not in (0, dim)]
             m = (x.abs().amax(dim=rest) if rest else x.abs()).float()  # amax over no dims would reduce all
-            per_sample.setdefault(name, []).append(m if dim != 0 else m.unsqueeze(0))
+            m = m if dim != 0 else m.unsqueeze(0)
+            seen = per_sample.setdefault(name, [])
+            if balance.sample_quantile == 1 and seen:  # the maximum needs no per-sample history: keep one row
+                seen[0] = torch.maximum(seen[0], m.amax(dim=0, keepdim=True))
+            else:
+                seen.append(m)
         return hook
 
     for layer in layers.values():
