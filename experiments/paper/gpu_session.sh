@@ -21,8 +21,10 @@
 # and issue the puts and polls back to back (a session lost a running queue to a 6-minute gap, and another polled
 # an empty machine for 9 minutes after its start had been refused). A machine can also be taken back for other
 # work in the middle of a call: what that call would have packed is lost with it (2026-12-03: a 540 s poll, four
-# streams, ~480 s of device time). Polls of about 300 s bring finished jobs back sooner; a start costs ~90 s of
-# device time before the command runs.
+# streams, ~480 s of device time), or between two back-to-back calls: then the next call runs on a fresh, bare
+# machine (2026-12-03: a 300 s poll spent waiting on one; poll now stops at once with exit 3). That machine is
+# held and warm: send `start` again at once. Polls of about 300 s bring finished jobs back sooner; a start costs
+# ~90 s of device time before the command runs.
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
@@ -74,6 +76,8 @@ case $stage in
     ls -la "$STATE/fid" "$STATE/data"; tail -n 5 "$STATE/queue.log"
     ;;
   poll)
+    # A bare machine (the held one was taken back between calls) has no queue: say so now, not after SECONDS.
+    if [ ! -f "$STATE/queue.log" ]; then echo "NO QUEUE: this is a fresh machine; send start again"; exit 3; fi
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && ! grep -q "QUEUE DONE" "$STATE/queue.log"; do sleep 10; done
     pack
