@@ -174,9 +174,13 @@ def reconstruction_summary(rows: list[dict]) -> dict:
     """Totals of the per-unit table (reconstruction.csv): units, seconds, summed output errors before and after."""
     if not rows:
         return {}
-    return {"units": len(rows), "seconds": sum(r["seconds"] for r in rows),
-            "loss_before": sum(r["loss_before"] for r in rows), "loss_after": sum(r["loss_after"] for r in rows),
-            "units_improved": sum(r["loss_after"] < r["loss_before"] for r in rows)}
+    summary = {"units": len(rows), "seconds": sum(r["seconds"] for r in rows),
+               "loss_before": sum(r["loss_before"] for r in rows), "loss_after": sum(r["loss_after"] for r in rows),
+               "units_improved": sum(r["loss_after"] < r["loss_before"] for r in rows)}
+    if rows[0].get("held_out_after") is not None:  # recon.method.held_out > 0: the same on unseen samples
+        summary.update(held_out_before=sum(r["held_out_before"] for r in rows),
+                       held_out_after=sum(r["held_out_after"] for r in rows))
+    return summary
 
 
 def extractor_device(extractor) -> torch.device:
@@ -264,6 +268,9 @@ def config_digest(cfg: DictConfig) -> str:
         keep["ops"].pop("decoder", None)
     if (keep.get("balance") or {}).get("method") is None:  # added later; none computes what jobs before it did
         keep.pop("balance", None)
+    method = (keep.get("recon") or {}).get("method") or {}
+    if method.get("held_out") == 0:  # added later; 0 computes what jobs before it computed
+        method.pop("held_out")
     if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
         keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()

@@ -127,3 +127,42 @@ def test_recon_presets_compose_and_check_their_values():
         QDropReconstruction(keep=1.5)
     with pytest.raises(ValueError, match=r"recon\.method\.inputs='upstream': allowed is 'quantized'"):
         BlockReconstruction(inputs="upstream")
+
+
+def test_held_out_samples_are_reported():
+    """recon.method.held_out=N: the last N calibration samples stay out of training and each unit reports its error
+    on them; with 0 (the default) the report has no held-out values."""
+    method = BlockReconstruction(**{**FAST, "eval_samples": 8}, held_out=4)
+    _, report = _quantize(method)
+    units = report.reconstruction
+    assert all(u.held_out_before is not None and u.held_out_after is not None for u in units)
+    assert sum(u.held_out_after for u in units) < sum(u.held_out_before for u in units)
+    _, plain = _quantize(BlockReconstruction(**FAST))
+    assert all(u.held_out_before is None for u in plain.reconstruction)
+
+
+def test_held_out_must_leave_samples_to_train_on():
+    from ptq4dm.experiment.recipe import recipe_from_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=["recon=qdrop", "recon.method.held_out=1024", "calib.num_samples=1024",
+                                        "output_dir=x"])
+    with pytest.raises(ValueError, match=r"recon\.method\.held_out=1024: allowed is fewer than the calibration set's "
+                                         r"1024 samples"):
+        recipe_from_config(cfg)
+    with pytest.raises(ValueError, match=r"recon\.method\.held_out=-1: allowed is a whole number of 0 or more"):
+        QDropReconstruction(held_out=-1)
+
+
+def test_held_out_zero_keeps_the_digest_of_jobs_made_before_the_key():
+    """Jobs finished before recon.method.held_out existed are still recognised as done; held_out > 0 is another job."""
+    from omegaconf import OmegaConf
+
+    from ptq4dm.run import config_digest
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        off, on = (compose("run", overrides=["recon=qdrop", f"recon.method.held_out={n}", "output_dir=x"])
+                   for n in (0, 64))
+    before = OmegaConf.create(OmegaConf.to_container(off))
+    del before["recon"]["method"]["held_out"]
+    assert config_digest(off) == config_digest(before) != config_digest(on)

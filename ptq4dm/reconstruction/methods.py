@@ -11,6 +11,9 @@ anneals linearly from ``b_start`` to ``b_end``.
 Presets (conf/recon/): ``adaround`` (each quantized layer alone), ``brecq`` (blocks), ``qdrop`` (blocks with
 activation quantization on during reconstruction, each value quantized with probability ``keep`` = 0.5, and
 activation step sizes learned). A new method is one subclass of ``Reconstruction`` plus one YAML file.
+
+``held_out`` > 0 keeps the last that many calibration samples out of training and reports each unit's error on
+them too: whether learned rounding generalises past the samples it was fitted to, or only memorises them.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UnitReport:
-    """One row of reconstruction.csv: a unit's output error before (nearest rounding, searched ranges) and after."""
+    """One row of reconstruction.csv: a unit's output error before (nearest rounding, searched ranges) and after,
+    on (up to ``eval_samples`` of) the samples it was trained on, and on the held-out samples if any."""
 
     unit: str
     kind: str
@@ -46,6 +50,8 @@ class UnitReport:
     loss_before: float
     loss_after: float
     seconds: float
+    held_out_before: float | None = None
+    held_out_after: float | None = None
 
 
 @dataclass
@@ -82,7 +88,7 @@ class UnitReconstruction(Reconstruction):
                  act_quant: bool = False, keep: float = 1.0, round_weight: float = 0.01, b_start: float = 20.0,
                  b_end: float = 2.0, warmup: float = 0.2, loss_p: float = 2.0, inputs: str = "quantized",
                  block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, held_out: int = 0):
         checks = {"granularity": (granularity in ("block", "layer"), "'block' or 'layer'"),
                   "iters": (isinstance(iters, int) and iters >= 1, "a whole number of 1 or more"),
                   "batch_size": (isinstance(batch_size, int) and batch_size >= 1, "a whole number of 1 or more"),
@@ -92,7 +98,9 @@ class UnitReconstruction(Reconstruction):
                                                                               "b_start >= b_end > 0"),
                   "warmup": (0 <= warmup < 1, "a fraction in [0, 1)"), "loss_p": (loss_p > 0, "a positive number"),
                   "inputs": (inputs in ("quantized", "fp"), "'quantized' (the default) or 'fp'"),
-                  "eval_samples": (isinstance(eval_samples, int) and eval_samples >= 1, "1 or more")}
+                  "eval_samples": (isinstance(eval_samples, int) and eval_samples >= 1, "1 or more"),
+                  "held_out": (isinstance(held_out, int) and held_out >= 0,
+                               "a whole number of 0 or more, fewer than calib.num_samples")}
         for key, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"recon.method.{key}={locals()[key]!r}: allowed is {allowed}")
@@ -105,11 +113,13 @@ class UnitReconstruction(Reconstruction):
         self.b_start, self.b_end, self.warmup, self.loss_p = b_start, b_end, warmup, loss_p
         self.inputs, self.block_types = inputs, tuple(block_types)
         self.eval_samples, self.seed, self.cuda_graphs = eval_samples, seed, bool(cuda_graphs)
+        self.held_out = held_out
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items()}
 
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
+        check_held_out(self.held_out, len(context.calibration))
         units = find_units(context.q_network, context.order,
                            None if self.granularity == "layer" else self.block_types)
         generator = torch.Generator().manual_seed(self.seed)
@@ -127,12 +137,14 @@ class UnitReconstruction(Reconstruction):
         inputs = capture(source, unit.name, forward, batches, store_device=ctx.device)
         target = capture(ctx.fp_network, unit.name, ctx.forward_fp, batches, inputs=False, outputs=True,
                          store_device=ctx.device).output
-        n = inputs.size
+        n = inputs.size - self.held_out  # trained on the first n samples; the rest only measured
         held = torch.arange(min(n, self.eval_samples), device=ctx.device)
+        unseen = torch.arange(n, inputs.size, device=ctx.device)
         layers = [ctx.q_network.get_submodule(name) for name in unit.layers]
         for layer in layers:
             layer.unfreeze_weight()
         before = self._loss(unit.module, inputs, target, held, ctx)
+        unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
         weights = [AdaRoundWeight(q, layer.weight_part(i)) for layer in layers
                    for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready]
@@ -179,6 +191,7 @@ class UnitReconstruction(Reconstruction):
             for w in weights:
                 w.soft = False
             after = self._loss(unit.module, inputs, target, held, ctx)
+            unseen_after = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
         finally:
             for part in [*weights, *acts]:
                 part.quantizer.set_override(None)
@@ -190,7 +203,8 @@ class UnitReconstruction(Reconstruction):
                     a.quantizer.set_scale(a.step().detach())
         for layer in layers:
             layer.freeze_weight()
-        return UnitReport(unit.name, unit.kind, len(layers), before, after, time.perf_counter() - t0)
+        return UnitReport(unit.name, unit.kind, len(layers), before, after, time.perf_counter() - t0,
+                          unseen_before, unseen_after)
 
     @torch.no_grad()
     def _loss(self, module: nn.Module, inputs, target: torch.Tensor, held: torch.Tensor, ctx) -> float:
@@ -201,6 +215,13 @@ class UnitReconstruction(Reconstruction):
             with ctx.autocast():
                 total += _lp(_tensor(module(*args, **kwargs)), target[idx], self.loss_p) * len(idx)
         return float(total) / len(held)
+
+
+def check_held_out(held_out: int, num_samples: int) -> None:
+    """Before any work: held-out samples must leave at least one to train on."""
+    if held_out >= num_samples:
+        raise ValueError(f"recon.method.held_out={held_out}: allowed is fewer than the calibration set's "
+                         f"{num_samples} samples (calib.num_samples)")
 
 
 class LayerReconstruction(UnitReconstruction):
