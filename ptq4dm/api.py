@@ -81,6 +81,8 @@ def quantize(model: nn.Module, scheduler, config: QuantConfig | None = None,
         size = cfg.sample_size  # an int, or (H, W) for some diffusers models
         image_shape = (cfg.in_channels, *((size, size) if isinstance(size, int) else size))
     method = PTQMethod(config, search or RangeSearch(), reconstruction, balance)
+    if reconstruction is not None:  # before the calibration set is built
+        reconstruction.check(calibration.num_samples)
     forward = lambda network: denoiser(network, precision)  # noqa: E731
 
     t0 = time.perf_counter()

@@ -29,7 +29,6 @@ from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.engine import PTQMethod, calibrate_network
 from ptq4dm.models import load_diffusion_model
 from ptq4dm.reconstruction import QDropReconstruction, ReconstructionContext, find_units
-from ptq4dm.reconstruction.methods import _quantization
 from ptq4dm.utils.precision import denoiser
 
 UNITS = ["mid_block.resnets.1", "up_blocks.0.resnets.0"]
@@ -55,11 +54,11 @@ def main(units=UNITS, train=TRAIN, iters=ITERS) -> None:
     with torch.no_grad():
         calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=n_all, seed=SEED).build(
             forward(unet), sampler, (3, 32, 32), device, progress=False)
-    ranged = calibrate_network(copy.deepcopy(unet), unet, calib, PTQMethod(ptq4dm.QuantConfig(weight_bits=4, act_bits=8),
-                                                                           RangeSearch(), None, None), forward, 256)
-    print(f"# small_cifar10 W4A8, unit inputs from FP, NDTC {n_all} samples (DDIM 20, seed {SEED}), last {HELD} held out; QDrop preset "
-          f"settings, one unit at a time; CPU {platform.machine()}, torch {torch.__version__}; set-up "
-          f"{time.perf_counter() - t0:.0f} s")
+    w4a8 = PTQMethod(ptq4dm.QuantConfig(weight_bits=4, act_bits=8), RangeSearch(), None, None)
+    ranged = calibrate_network(copy.deepcopy(unet), unet, calib, w4a8, forward, 256)  # range search only
+    print(f"# small_cifar10 W4A8, unit inputs from FP, NDTC {n_all} samples (DDIM 20, seed {SEED}), last {HELD} "
+          f"held out; QDrop preset settings, one unit at a time; CPU {platform.machine()}, torch {torch.__version__}; "
+          f"set-up {time.perf_counter() - t0:.0f} s")
     print("| unit | training samples | steps | error on training samples: before -> after | held-out: before -> after "
           "| held-out / training after | seconds |\n| --- | --- | --- | --- | --- | --- | --- |")
     held = torch.arange(n_all - HELD, n_all)
@@ -73,8 +72,7 @@ def main(units=UNITS, train=TRAIN, iters=ITERS) -> None:
                                                 ranged.order, device, nullcontext, False)
                 # inputs from the FP network: the unit's own fit, without the (unreconstructed) upstream's error
                 method = QDropReconstruction(iters=steps, held_out=HELD, inputs="fp")
-                with _quantization(network, act_quant=True):  # as QDrop's run() does for every unit
-                    r = method._unit(unit, context, torch.Generator().manual_seed(0))
+                r = method.reconstruct_unit(unit, context, torch.Generator().manual_seed(0))
                 print(f"| {name} | {n_train} | {steps} | {r.loss_before:.4f} -> {r.loss_after:.4f} | "
                       f"{r.held_out_before:.4f} -> {r.held_out_after:.4f} | {r.held_out_after / r.loss_after:.3f} | "
                       f"{r.seconds:.0f} |", flush=True)

@@ -19,7 +19,6 @@ from ptq4dm.engine import PTQMethod
 from ptq4dm.models.factory import custom_schedule, training_timesteps
 from ptq4dm.quant import QuantConfig
 from ptq4dm.reconstruction import Reconstruction
-from ptq4dm.reconstruction.methods import check_held_out
 from ptq4dm.utils.targets import build_typed
 
 AXES = ("model", "sampler", "ops", "bits", "calib", "metric", "weight_metric", "recon", "balance")
@@ -154,7 +153,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
     reconstruction = None if cfg.recon.method is None else \
         build_typed(cfg.recon.method, "recon.method", Reconstruction)
     if reconstruction is not None:
-        check_held_out(getattr(reconstruction, "held_out", 0), calibration.num_samples)
+        reconstruction.check(calibration.num_samples)
     balance = None if cfg.balance.method is None else \
         build_typed(cfg.balance.method, "balance.method", ChannelBalance)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", *facts) if cfg.calib.sampler else sampler

@@ -74,6 +74,9 @@ class Reconstruction:
 
     name = "reconstruction"
 
+    def check(self, num_samples: int) -> None:
+        """Raise ValueError, before any work, if this method cannot run on ``num_samples`` calibration samples."""
+
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
         raise NotImplementedError
 
@@ -118,8 +121,13 @@ class UnitReconstruction(Reconstruction):
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items()}
 
+    def check(self, num_samples: int) -> None:
+        if self.held_out >= num_samples:  # held-out samples must leave at least one to train on
+            raise ValueError(f"recon.method.held_out={self.held_out}: allowed is fewer than the calibration set's "
+                             f"{num_samples} samples (calib.num_samples)")
+
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
-        check_held_out(self.held_out, len(context.calibration))
+        self.check(len(context.calibration))
         units = find_units(context.q_network, context.order,
                            None if self.granularity == "layer" else self.block_types)
         generator = torch.Generator().manual_seed(self.seed)
@@ -128,6 +136,12 @@ class UnitReconstruction(Reconstruction):
             for unit in tqdm(units, desc=f"reconstruction ({self.name})", disable=not context.progress, leave=False):
                 reports.append(self._unit(unit, context, generator))
         return reports
+
+    def reconstruct_unit(self, unit: Unit, context: ReconstructionContext, generator: torch.Generator) -> UnitReport:
+        """One unit alone, as ``run`` does each in turn (studies of a single block)."""
+        self.check(len(context.calibration))
+        with _quantization(context.q_network, act_quant=self.act_quant):
+            return self._unit(unit, context, generator)
 
     def _unit(self, unit: Unit, ctx: ReconstructionContext, generator: torch.Generator) -> UnitReport:
         t0 = time.perf_counter()
@@ -138,12 +152,12 @@ class UnitReconstruction(Reconstruction):
         target = capture(ctx.fp_network, unit.name, ctx.forward_fp, batches, inputs=False, outputs=True,
                          store_device=ctx.device).output
         n = inputs.size - self.held_out  # trained on the first n samples; the rest only measured
-        held = torch.arange(min(n, self.eval_samples), device=ctx.device)
+        seen = torch.arange(min(n, self.eval_samples), device=ctx.device)
         unseen = torch.arange(n, inputs.size, device=ctx.device)
         layers = [ctx.q_network.get_submodule(name) for name in unit.layers]
         for layer in layers:
             layer.unfreeze_weight()
-        before = self._loss(unit.module, inputs, target, held, ctx)
+        before = self._loss(unit.module, inputs, target, seen, ctx)
         unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
         weights = [AdaRoundWeight(q, layer.weight_part(i)) for layer in layers
@@ -190,7 +204,7 @@ class UnitReconstruction(Reconstruction):
                 a.eval()
             for w in weights:
                 w.soft = False
-            after = self._loss(unit.module, inputs, target, held, ctx)
+            after = self._loss(unit.module, inputs, target, seen, ctx)
             unseen_after = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
         finally:
             for part in [*weights, *acts]:
@@ -207,21 +221,14 @@ class UnitReconstruction(Reconstruction):
                           unseen_before, unseen_after)
 
     @torch.no_grad()
-    def _loss(self, module: nn.Module, inputs, target: torch.Tensor, held: torch.Tensor, ctx) -> float:
+    def _loss(self, module: nn.Module, inputs, target: torch.Tensor, samples: torch.Tensor, ctx) -> float:
         total = torch.zeros((), device=ctx.device)
-        for s in range(0, len(held), self.batch_size):
-            idx = held[s: s + self.batch_size]
+        for s in range(0, len(samples), self.batch_size):
+            idx = samples[s: s + self.batch_size]
             args, kwargs = inputs.batch(idx, ctx.device)
             with ctx.autocast():
                 total += _lp(_tensor(module(*args, **kwargs)), target[idx], self.loss_p) * len(idx)
-        return float(total) / len(held)
-
-
-def check_held_out(held_out: int, num_samples: int) -> None:
-    """Before any work: held-out samples must leave at least one to train on."""
-    if held_out >= num_samples:
-        raise ValueError(f"recon.method.held_out={held_out}: allowed is fewer than the calibration set's "
-                         f"{num_samples} samples (calib.num_samples)")
+        return float(total) / len(samples)
 
 
 class LayerReconstruction(UnitReconstruction):
