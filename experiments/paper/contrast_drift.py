@@ -17,12 +17,20 @@ Per variant: the median over images of the per-image std ratio (quantized / FP) 
 quantized on FP pixels (1 = no contrast change), PSNR to FP, and the mean shift in 8-bit levels.
 
     python experiments/paper/contrast_drift.py > experiments/results/contrast_drift_cpu.txt
+
+``steps``: where along the trajectory the 8-bit activations cost contrast. The same quantized network with its
+activation quantizers on at every step, only at the late steps (t < LATE) or only at the early ones (weights
+8-bit throughout); no correction fitted. If the late steps alone cost most of it, time-step-aware activation
+ranges are the lever; if not, the whole trajectory is.
+
+    python experiments/paper/contrast_drift.py steps > experiments/results/contrast_by_step_cpu.txt
 """
 
 from __future__ import annotations
 
 import copy
 import platform
+import sys
 import time
 
 import torch
@@ -37,6 +45,7 @@ from ptq4dm.utils.precision import denoiser
 
 STEPS, CALIB, SEED = 100, 256, 1234
 EVAL_SEEDS, FIT_SEEDS = range(0, 64), range(1000, 1032)
+LATE = 200  # steps below this t are "late" (the noise error's late-step concentration, noise_error_cpu.txt)
 
 
 def noise(seeds, shape=(3, 32, 32)) -> torch.Tensor:
@@ -70,7 +79,7 @@ def fit_correction(sampler, fp, q, x_noise):
     return k, bias
 
 
-def main() -> None:
+def main(by_step: bool = False) -> None:
     torch.set_num_threads(2)
     model = load_diffusion_model("small_cifar10")
     unet = model.unet.eval()
@@ -83,24 +92,17 @@ def main() -> None:
     method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8), RangeSearch(), None, None)
     qnet = calibrate_network(copy.deepcopy(unet), unet, calib, method, denoiser, 64).network
     q = denoiser(qnet)
-    k, bias = fit_correction(sampler, fp, q, noise(FIT_SEEDS))
-    print(f"# small_cifar10 W8A8 (range search, NDTC {CALIB} samples, seed {SEED}), DDIM {STEPS}, fp32, "
-          f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); correction fitted on "
-          f"{len(FIT_SEEDS)} other seeds; CPU {platform.machine()}, torch {torch.__version__}; set-up "
-          f"{time.perf_counter() - t0:.0f} s")
-    ks = torch.tensor([k[int(t)] for t in sampler.timesteps])
-    print(f"# k_t over the {STEPS} steps: mean {ks.mean():+.5f}, at t = {int(sampler.timesteps[0])} "
-          f"{ks[0]:+.5f}, t = {int(sampler.timesteps[STEPS // 2])} {ks[STEPS // 2]:+.5f}, "
-          f"t = {int(sampler.timesteps[-1])} {ks[-1]:+.5f}; steps with k_t < 0: {int((ks < 0).sum())}")
-
     acts = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." not in name]
     weights = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." in name]
 
-    def only(group):
+    def only(group, when=lambda t: True):
+        """The quantized network with only ``group``'s quantizers on, at the steps where ``when(t)``, else
+        weights only."""
         def run(x, t):
             saved = [qz.enabled for qz in acts + weights]
+            on = group if when(int(t)) else set(weights)
             for qz in acts + weights:
-                qz.enabled = qz in group
+                qz.enabled = qz in on
             try:
                 return q(x, t)
             finally:
@@ -108,15 +110,33 @@ def main() -> None:
                     qz.enabled = s
         return run
 
-    group_sets = {"weights": set(weights), "activations": set(acts)}
-    variants = {
-        "quantized (W8A8)": q,
-        "weights only (W8, activations FP)": only(group_sets["weights"]),
-        "activations only (A8, weights FP)": only(group_sets["activations"]),
-        "W8A8 + correlated-noise correction (eps / (1 + k_t))": lambda x, t: q(x, t) / (1 + k[int(t)]),
-        "W8A8 + correlated + per-channel bias correction":
-            lambda x, t: (q(x, t) - bias[int(t)]) / (1 + k[int(t)]),
-    }
+    header = (f"# small_cifar10 W8A8 (range search, NDTC {CALIB} samples, seed {SEED}), DDIM {STEPS}, fp32, "
+              f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); "
+              f"CPU {platform.machine()}, torch {torch.__version__}")
+    everything = set(acts + weights)
+    if by_step:
+        print(f"{header}; set-up {time.perf_counter() - t0:.0f} s; late steps: t < {LATE}")
+        variants = {
+            "W8A8 at every step": q,
+            "W8 throughout, A8 only at late steps (t < %d)" % LATE: only(everything, lambda t: t < LATE),
+            "W8 throughout, A8 only at early steps (t >= %d)" % LATE: only(everything, lambda t: t >= LATE),
+            "W8 throughout, A8 never": only(set(weights)),
+        }
+    else:
+        k, bias = fit_correction(sampler, fp, q, noise(FIT_SEEDS))
+        print(f"{header}; correction fitted on {len(FIT_SEEDS)} other seeds; set-up {time.perf_counter() - t0:.0f} s")
+        ks = torch.tensor([k[int(t)] for t in sampler.timesteps])
+        print(f"# k_t over the {STEPS} steps: mean {ks.mean():+.5f}, at t = {int(sampler.timesteps[0])} "
+              f"{ks[0]:+.5f}, t = {int(sampler.timesteps[STEPS // 2])} {ks[STEPS // 2]:+.5f}, "
+              f"t = {int(sampler.timesteps[-1])} {ks[-1]:+.5f}; steps with k_t < 0: {int((ks < 0).sum())}")
+        variants = {
+            "quantized (W8A8)": q,
+            "weights only (W8, activations FP)": only(set(weights)),
+            "activations only (A8, weights FP)": only(set(acts)),
+            "W8A8 + correlated-noise correction (eps / (1 + k_t))": lambda x, t: q(x, t) / (1 + k[int(t)]),
+            "W8A8 + correlated + per-channel bias correction":
+                lambda x, t: (q(x, t) - bias[int(t)]) / (1 + k[int(t)]),
+        }
     x_eval = noise(EVAL_SEEDS)
     t1 = time.perf_counter()
     fp_images = to_uint8(sampler.sample(fp, x_eval))
@@ -131,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(by_step=sys.argv[1:] == ["steps"])
