@@ -25,6 +25,11 @@ activation quantizers on at every step, only at the late steps (t < LATE) or onl
 ranges are the lever; if not, the whole trajectory is.
 
     python experiments/paper/contrast_drift.py steps > experiments/results/contrast_by_step_cpu.txt
+
+``ranges``: whether the activation ranges' clipping is what shrinks contrast. The same network calibrated with
+activation ranges at the observed min/max (no clipping) and at the 99.99th percentiles, weights as above.
+
+    python experiments/paper/contrast_drift.py ranges > experiments/results/contrast_by_range_cpu.txt
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import time
 import torch
 
 import ptq4dm
-from ptq4dm.calibration import CalibrationRecipe, Gaussian, RangeSearch, Trajectory
+from ptq4dm.calibration import CalibrationRecipe, Gaussian, MinMax, Percentile, RangeSearch, Trajectory
 from ptq4dm.diffusion.sampler import to_uint8
 from ptq4dm.engine import PTQMethod, calibrate_network
 from ptq4dm.models import load_diffusion_model
@@ -80,7 +85,7 @@ def fit_correction(sampler, fp, q, x_noise):
     return k, bias
 
 
-def main(by_step: bool = False) -> None:
+def main(mode: str = "correction") -> None:
     torch.set_num_threads(2)
     model = load_diffusion_model("small_cifar10")
     unet = model.unet.eval()
@@ -90,8 +95,21 @@ def main(by_step: bool = False) -> None:
     with torch.no_grad():
         calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=CALIB, seed=SEED).build(
             fp, sampler, (3, 32, 32), "cpu", progress=False)
-    method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8), RangeSearch(), None, None)
-    qnet = calibrate_network(copy.deepcopy(unet), unet, calib, method, denoiser, 64).network
+    def calibrated(search: RangeSearch):
+        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8), search, None, None)
+        return calibrate_network(copy.deepcopy(unet), unet, calib, method, denoiser, 64).network
+
+    if mode == "ranges":  # the default search's row is contrast_drift_cpu.txt's "quantized (W8A8)"
+        variants = {"activations at the observed min/max": denoiser(calibrated(RangeSearch(metric=MinMax()))),
+                    "activations at the 99.99th percentiles":
+                        denoiser(calibrated(RangeSearch(metric=Percentile(99.99))))}
+        print(f"# small_cifar10 W8A8 (weights: the default search; activation ranges as named; NDTC {CALIB} "
+              f"samples, seed {SEED}), DDIM {STEPS}, fp32, {len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}.."
+              f"{EVAL_SEEDS.stop - 1}); CPU {platform.machine()}, torch {torch.__version__}; "
+              f"set-up {time.perf_counter() - t0:.0f} s")
+        compare(sampler, fp, variants)
+        return
+    qnet = calibrated(RangeSearch())
     q = denoiser(qnet)
     acts = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." not in name]
     weights = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." in name]
@@ -115,7 +133,7 @@ def main(by_step: bool = False) -> None:
               f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); "
               f"CPU {platform.machine()}, torch {torch.__version__}")
     everything = set(acts + weights)
-    if by_step:
+    if mode == "steps":
         print(f"{header}; set-up {time.perf_counter() - t0:.0f} s; late steps: t < {LATE}")
         variants = {
             "W8A8 at every step": q,
@@ -138,6 +156,10 @@ def main(by_step: bool = False) -> None:
             "W8A8 + correlated + per-channel bias correction":
                 lambda x, t: (q(x, t) - bias[int(t)]) / (1 + k[int(t)]),
         }
+    compare(sampler, fp, variants)
+
+
+def compare(sampler, fp, variants) -> None:
     x_eval = noise(EVAL_SEEDS)
     t1 = time.perf_counter()
     fp_images = to_uint8(sampler.sample(fp, x_eval))
@@ -152,4 +174,4 @@ def main(by_step: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(by_step=sys.argv[1:] == ["steps"])
+    main(sys.argv[1] if len(sys.argv) > 1 else "correction")
