@@ -30,6 +30,11 @@ ranges are the lever; if not, the whole trajectory is.
 activation ranges at the observed min/max (no clipping) and at the 99.99th percentiles, weights as above.
 
     python experiments/paper/contrast_drift.py ranges > experiments/results/contrast_by_range_cpu.txt
+
+``split``: whether Q-Diffusion's shortcut splitting (``ops.shortcut_split=true``: separate activation ranges for
+the two halves of each skip concat) restores contrast; the default search otherwise.
+
+    python experiments/paper/contrast_drift.py split > experiments/results/contrast_by_split_cpu.txt
 """
 
 from __future__ import annotations
@@ -95,15 +100,16 @@ def main(mode: str = "correction") -> None:
     with torch.no_grad():
         calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=CALIB, seed=SEED).build(
             fp, sampler, (3, 32, 32), "cpu", progress=False)
-    def calibrated(search: RangeSearch):
-        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8), search, None, None)
+    def calibrated(search: RangeSearch, **quant):
+        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8, **quant), search, None, None)
         return calibrate_network(copy.deepcopy(unet), unet, calib, method, denoiser, 64).network
 
-    if mode == "ranges":  # the default search's row is contrast_drift_cpu.txt's "quantized (W8A8)"
+    if mode in ("ranges", "split"):  # the default search's row is contrast_drift_cpu.txt's "quantized (W8A8)"
         variants = {"activations at the observed min/max": denoiser(calibrated(RangeSearch(metric=MinMax()))),
                     "activations at the 99.99th percentiles":
-                        denoiser(calibrated(RangeSearch(metric=Percentile(99.99))))}
-        print(f"# small_cifar10 W8A8 (weights: the default search; activation ranges as named; NDTC {CALIB} "
+                        denoiser(calibrated(RangeSearch(metric=Percentile(99.99))))} if mode == "ranges" else \
+            {"shortcut split (ops.shortcut_split=true)": denoiser(calibrated(RangeSearch(), shortcut_split=True))}
+        print(f"# small_cifar10 W8A8 (weights: the default search; activations as named; NDTC {CALIB} "
               f"samples, seed {SEED}), DDIM {STEPS}, fp32, {len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}.."
               f"{EVAL_SEEDS.stop - 1}); CPU {platform.machine()}, torch {torch.__version__}; "
               f"set-up {time.perf_counter() - t0:.0f} s")
