@@ -17,28 +17,23 @@ and the network's error with all of them on. Quantizers are listed by ``alone``,
 
 from __future__ import annotations
 
-import copy
 import platform
 import time
 
 import torch
 
-import ptq4dm
-from ptq4dm.calibration import CalibrationRecipe, Gaussian, RangeSearch, Trajectory
+from contrast_drift import SEED, STEPS, Setup, noise  # the script beside this one: model, sampler, calibration
 from ptq4dm.calibration.search import describe_quantizer
-from ptq4dm.engine import PTQMethod, calibrate_network
-from ptq4dm.models import load_diffusion_model
 from ptq4dm.quant.api import quantizers
 from ptq4dm.utils.precision import denoiser
 
-STEPS, CALIB, SEED = 100, 128, 1234
+CALIB = 128
 SEEDS, EVERY, EARLY = range(2000, 2006), 5, 200
 TOP = 25
 
 
 def trajectory_inputs(sampler, fp) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP network's inputs (x_t, t) at every EVERY-th step with t >= EARLY, for the noise seeds SEEDS."""
-    noise = torch.stack([torch.randn((3, 32, 32), generator=torch.Generator().manual_seed(s)) for s in SEEDS])
     xs, ts = [], []
 
     def keep(i, t, x):
@@ -46,21 +41,17 @@ def trajectory_inputs(sampler, fp) -> tuple[torch.Tensor, torch.Tensor]:
             xs.append(x.clone())
             ts.append(torch.full((len(x),), int(t)))
 
-    sampler.sample(fp, noise, on_step=keep)
+    sampler.sample(fp, noise(SEEDS), on_step=keep)
     return torch.cat(xs), torch.cat(ts)
 
 
-def relative_error(run, x, t, target, batch: int = 128) -> float:
-    num = den = 0.0
-    for s in range(0, len(x), batch):
-        e = run(x[s: s + batch], t[s: s + batch])
-        num += float((e - target[s: s + batch]).pow(2).sum())
-        den += float(target[s: s + batch].pow(2).sum())
-    return num / den
+def predict(run, x, t, batch: int = 128) -> torch.Tensor:
+    return torch.cat([run(x[s: s + batch], t[s: s + batch]) for s in range(0, len(x), batch)])
 
 
 def table(qnet, fp_out, x, t, title: str) -> None:
     q = denoiser(qnet)
+    fp_energy = float(fp_out.pow(2).sum())
     named = quantizers(qnet)
     acts = {n: qz for n, qz in named.items() if ".weight_quantizers." not in n and qz.ready}
     for n, qz in named.items():  # weights and uncalibrated quantizers off throughout
@@ -69,7 +60,7 @@ def table(qnet, fp_out, x, t, title: str) -> None:
     def error_with(on: set[str]) -> float:
         for n, qz in acts.items():
             qz.enabled = n in on
-        return relative_error(q, x, t, fp_out)
+        return float((predict(q, x, t) - fp_out).pow(2).sum()) / fp_energy
 
     everything = set(acts)
     total = error_with(everything)
@@ -93,22 +84,15 @@ def table(qnet, fp_out, x, t, title: str) -> None:
 def main() -> None:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    model = load_diffusion_model("small_cifar10")
-    unet = model.unet.eval()
-    sampler = ptq4dm.Sampler(model.scheduler, "ddim", steps=STEPS)
-    fp = denoiser(unet)
+    setup = Setup.build(CALIB)
     with torch.no_grad():
-        calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=CALIB, seed=SEED).build(
-            fp, sampler, (3, 32, 32), "cpu", progress=False)
-        x, t = trajectory_inputs(sampler, fp)
-        fp_out = torch.cat([fp(x[s: s + 128], t[s: s + 128]) for s in range(0, len(x), 128)])
+        x, t = trajectory_inputs(setup.sampler, setup.fp)
+        fp_out = predict(setup.fp, x, t)
     print(f"# small_cifar10 W8A8 activations only (weights FP), range search on NDTC {CALIB} samples (seed {SEED}); "
           f"{len(x)} FP trajectory inputs (noise seeds {SEEDS.start}..{SEEDS.stop - 1}, every {EVERY}th DDIM {STEPS} "
           f"step with t >= {EARLY}); CPU {platform.machine()}, torch {torch.__version__}")
     for split in (False, True):
-        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8, shortcut_split=split), RangeSearch(),
-                           None, None)
-        qnet = calibrate_network(copy.deepcopy(unet), unet, calib, method, denoiser, 64).network
+        qnet = setup.quantized(shortcut_split=split)
         with torch.no_grad():
             table(qnet, fp_out, x, t, "ops.shortcut_split=" + ("true" if split else "false (the default)"))
     print(f"\n# {time.perf_counter() - t0:.0f} s")

@@ -43,11 +43,14 @@ import copy
 import platform
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import ptq4dm
-from ptq4dm.calibration import CalibrationRecipe, Gaussian, MinMax, Percentile, RangeSearch, Trajectory
+from ptq4dm.calibration import (CalibrationRecipe, CalibrationSet, Gaussian, MinMax, Percentile, RangeSearch,
+                                Trajectory)
 from ptq4dm.diffusion.sampler import to_uint8
 from ptq4dm.engine import PTQMethod, calibrate_network
 from ptq4dm.models import load_diffusion_model
@@ -90,32 +93,58 @@ def fit_correction(sampler, fp, q, x_noise):
     return k, bias
 
 
-def main(mode: str = "correction") -> None:
-    torch.set_num_threads(2)
-    model = load_diffusion_model("small_cifar10")
-    unet = model.unet.eval()
-    sampler = ptq4dm.Sampler(model.scheduler, "ddim", steps=STEPS)
-    fp = denoiser(unet)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=CALIB, seed=SEED).build(
-            fp, sampler, (3, 32, 32), "cpu", progress=False)
-    def calibrated(search: RangeSearch, **quant):
-        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8, **quant), search, None, None)
-        return calibrate_network(copy.deepcopy(unet), unet, calib, method, denoiser, 64).network
+MODES = ("correction", "steps", "ranges", "split")
 
-    if mode in ("ranges", "split"):  # the default search's row is contrast_drift_cpu.txt's "quantized (W8A8)"
-        variants = {"activations at the observed min/max": denoiser(calibrated(RangeSearch(metric=MinMax()))),
+
+@dataclass
+class Setup:
+    """small_cifar10 in fp32, its DDIM sampler, and an NDTC calibration set of its own FP trajectories."""
+
+    unet: torch.nn.Module
+    sampler: ptq4dm.Sampler
+    fp: Callable
+    calib: CalibrationSet
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, num_samples: int = CALIB) -> "Setup":
+        model = load_diffusion_model("small_cifar10")
+        unet = model.unet.eval()
+        sampler = ptq4dm.Sampler(model.scheduler, "ddim", steps=STEPS)
+        fp = denoiser(unet)
+        calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=num_samples, seed=SEED).build(
+            fp, sampler, (3, 32, 32), "cpu", progress=False)
+        return cls(unet, sampler, fp, calib)
+
+    def quantized(self, search: RangeSearch | None = None, **quant) -> torch.nn.Module:
+        """A W8A8 copy calibrated as ``ops=ptq4dm`` (``quant``: QuantConfig fields to change), no reconstruction."""
+        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8, **quant), search or RangeSearch(), None, None)
+        return calibrate_network(copy.deepcopy(self.unet), self.unet, self.calib, method, denoiser, 64).network
+
+
+def main(mode: str = "correction") -> None:
+    if mode not in MODES:
+        raise SystemExit(f"mode={mode!r}: allowed are {', '.join(MODES)}")
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    setup = Setup.build()
+    sampler, fp = setup.sampler, setup.fp
+    ranges = "weights: the default search; activations as named" if mode in ("ranges", "split") else "range search"
+    header = (f"# small_cifar10 W8A8 ({ranges}, NDTC {CALIB} samples, seed {SEED}), DDIM {STEPS}, fp32, "
+              f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); "
+              f"CPU {platform.machine()}, torch {torch.__version__}")
+    # The default search's row for ranges and split is contrast_drift_cpu.txt's "quantized (W8A8)".
+    if mode == "ranges":
+        variants = {"activations at the observed min/max": denoiser(setup.quantized(RangeSearch(metric=MinMax()))),
                     "activations at the 99.99th percentiles":
-                        denoiser(calibrated(RangeSearch(metric=Percentile(99.99))))} if mode == "ranges" else \
-            {"shortcut split (ops.shortcut_split=true)": denoiser(calibrated(RangeSearch(), shortcut_split=True))}
-        print(f"# small_cifar10 W8A8 (weights: the default search; activations as named; NDTC {CALIB} "
-              f"samples, seed {SEED}), DDIM {STEPS}, fp32, {len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}.."
-              f"{EVAL_SEEDS.stop - 1}); CPU {platform.machine()}, torch {torch.__version__}; "
-              f"set-up {time.perf_counter() - t0:.0f} s")
+                        denoiser(setup.quantized(RangeSearch(metric=Percentile(99.99))))}
+    if mode == "split":
+        variants = {"shortcut split (ops.shortcut_split=true)": denoiser(setup.quantized(shortcut_split=True))}
+    if mode in ("ranges", "split"):
+        print(f"{header}; set-up {time.perf_counter() - t0:.0f} s")
         compare(sampler, fp, variants)
         return
-    qnet = calibrated(RangeSearch())
+    qnet = setup.quantized()
     q = denoiser(qnet)
     acts = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." not in name]
     weights = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." in name]
@@ -135,9 +164,6 @@ def main(mode: str = "correction") -> None:
                     qz.enabled = s
         return run
 
-    header = (f"# small_cifar10 W8A8 (range search, NDTC {CALIB} samples, seed {SEED}), DDIM {STEPS}, fp32, "
-              f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); "
-              f"CPU {platform.machine()}, torch {torch.__version__}")
     everything = set(acts + weights)
     if mode == "steps":
         print(f"{header}; set-up {time.perf_counter() - t0:.0f} s; late steps: t < {LATE}")
