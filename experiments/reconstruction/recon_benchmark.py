@@ -4,6 +4,7 @@ quality   small_cifar10, W4A8 (and W8A8 when asked), NDTC calibration (1024 samp
           recon preset through ptq4dm.quantize (the calibration engine every job uses): reconstruction wall time,
           the summed per-unit output error before and after, and the images' distance to full precision
           (PSNR, same seeds, DDIM 100) and the noise prediction's relative error on held-out trajectory inputs.
+          Optionally with other weight ranges (--weight-metric), SmoothQuant's balance and the shortcut split.
 graphs    the same reconstruction with and without CUDA graphs (recon.method.cuda_graphs): wall time, each unit's
           error after, and how many learned rounding decisions agree (BRECQ: all of them; QDrop draws its random
           drops from the graph's own RNG offsets, so its decisions may differ a little).
@@ -14,6 +15,7 @@ Each finished measurement is written at once to --out (JSON, one key per measure
 call's limit resumes where it stopped.
 
     python experiments/reconstruction/recon_benchmark.py --out recon.json quality --bits w4a8 --recon none brecq
+    python experiments/reconstruction/recon_benchmark.py --out recon.json quality --recon qdrop --weight-metric mse --balance --split
     python experiments/reconstruction/recon_benchmark.py --out recon.json scaling --iters 100 400
     python experiments/reconstruction/recon_benchmark.py --out recon.json graphs --iters 300
 """
@@ -28,7 +30,8 @@ from pathlib import Path
 import torch
 
 import ptq4dm
-from ptq4dm.calibration import CalibrationRecipe, Gaussian, RangeSearch, Trajectory
+from ptq4dm.calibration import (ByBitWidth, CalibrationRecipe, ChannelBalance, Gaussian, LpDistance, RangeSearch,
+                                Trajectory)
 from ptq4dm.diffusion import seeded_generators
 from ptq4dm.experiment.provenance import provenance
 from ptq4dm.models import build_unet, load_diffusion_model
@@ -40,6 +43,8 @@ from ptq4dm.utils.precision import denoiser
 
 BITS = {"w4a8": (4, 8), "w8a8": (8, 8), "w4a4": (4, 4)}
 RECON = {"none": None, "adaround": LayerReconstruction, "brecq": BlockReconstruction, "qdrop": QDropReconstruction}
+# conf/weight_metric/auto.yaml and mse.yaml
+WEIGHT_METRICS = {"auto": ByBitWidth(), "mse": LpDistance(2.4)}
 SIZES = {"tiny": ((32, 64, 64, 64), 8), "small": ((64, 128, 128, 128), 16), "ddpm_cifar10": ((128, 256, 256, 256), 32)}
 
 
@@ -94,24 +99,32 @@ def quality(args, device) -> None:
     held = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=128, seed=99).build(
         denoiser(model.unet, args.precision), sampler, (3, 32, 32), device, progress=False)
     hx, ht = held.x.to(device), held.t.to(device)
+    # The recipe beyond the preset, named in the key only where it differs from the defaults (so that earlier
+    # results keep their keys): weight ranges, SmoothQuant's balance, Q-Diffusion's shortcut split.
+    search = RangeSearch(weight_metric=WEIGHT_METRICS[args.weight_metric])
+    balance = ChannelBalance() if args.balance else None
+    variant = "".join(f"/{part}" for part, on in ((f"weights-{args.weight_metric}", args.weight_metric != "auto"),
+                                                  ("balance", args.balance), ("split", args.split)) if on)
     for bits in args.bits:
         w, a = BITS[bits]
         for name in args.recon:
-            key = f"quality/{bits}/{name}/iters{args.iters}/bs{args.batch_size}/seed{args.seed}"
+            key = f"quality/{bits}/{name}/iters{args.iters}/bs{args.batch_size}/seed{args.seed}" + variant
             if key in load(args.out):
                 continue
             method = None if RECON[name] is None else RECON[name](iters=args.iters, batch_size=args.batch_size)
             sync()
             t0 = time.perf_counter()
-            qnet, report = ptq4dm.quantize(model.unet, model.scheduler, ptq4dm.QuantConfig(weight_bits=w, act_bits=a),
-                                           calibration=calibration, search=RangeSearch(), sampler=sampler,
-                                           reconstruction=method, precision=args.precision)
+            config = ptq4dm.QuantConfig(weight_bits=w, act_bits=a, shortcut_split=args.split)
+            qnet, report = ptq4dm.quantize(model.unet, model.scheduler, config, calibration=calibration,
+                                           search=search, sampler=sampler, reconstruction=method,
+                                           precision=args.precision, balance=balance)
             sync()
             seconds = time.perf_counter() - t0
             images = sample(qnet, sampler, args.images, device, args.precision)
             units = report.reconstruction
             save(args.out, key, {
                 "bits": bits, "recon": name, "iters": args.iters if method else 0, "batch_size": args.batch_size,
+                "weight_metric": args.weight_metric, "balance": args.balance, "shortcut_split": args.split,
                 "calibration_samples": args.calib_samples, "images": args.images, "calibration_seed": args.seed,
                 "quantize_seconds": seconds, "timings": report.timings,
                 "units": len(units), "loss_before": sum(u.loss_before for u in units),
@@ -196,6 +209,10 @@ def main() -> None:
     q.add_argument("--images", type=int, default=512)
     q.add_argument("--calib-samples", type=int, default=1024)
     q.add_argument("--seed", type=int, default=1234, help="calibration seed")
+    q.add_argument("--weight-metric", default="auto", choices=sorted(WEIGHT_METRICS),
+                   help="weight ranges: auto (min/max below 8 bits) or mse (the Lp search at every width)")
+    q.add_argument("--balance", action="store_true", help="SmoothQuant's channel balance (balance=smoothquant)")
+    q.add_argument("--split", action="store_true", help="ops.shortcut_split=true")
     s = sub.add_parser("scaling")
     s.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     s.add_argument("--iters", dest="iters_list", type=int, nargs="+", default=[100, 400])
