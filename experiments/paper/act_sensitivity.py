@@ -70,11 +70,11 @@ def table(qnet, fp_out, x, t, title: str) -> None:
         layer, tensor = describe_quantizer(n)
         rows.append((alone, total - without, layer, tensor, float(qz.lo.min()), float(qz.hi.max())))
     rows.sort(reverse=True)
+    s = sum(r[0] for r in rows)
     print(f"\n## {title}: {len(acts)} activation quantizers, relative noise error with all on {total:.3e}, "
-          f"sum of 'alone' {sum(r[0] for r in rows):.3e}\n")
+          f"sum of 'alone' {s:.3e}\n")
     print("| rank | layer | tensor | range | alone | share of the sum of 'alone' | all - without |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    s = sum(r[0] for r in rows)
     for k, (alone, saved, layer, tensor, lo, hi) in enumerate(rows[:TOP], 1):
         print(f"| {k} | {layer} | {tensor} | [{lo:.3g}, {hi:.3g}] | {alone:.3e} | {alone / s:.3f} | {saved:+.3e} |")
     print(f"\nTop 5 share of the sum of 'alone': {sum(r[0] for r in rows[:5]) / s:.3f}; "

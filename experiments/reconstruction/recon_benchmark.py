@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 import ptq4dm
-from ptq4dm.calibration import (ByBitWidth, CalibrationRecipe, ChannelBalance, Gaussian, LpDistance, RangeSearch,
-                                Trajectory)
+from omegaconf import OmegaConf
+
+from ptq4dm.calibration import CalibrationRecipe, ChannelBalance, Gaussian, RangeMetric, RangeSearch, Trajectory
 from ptq4dm.diffusion import seeded_generators
 from ptq4dm.experiment.provenance import provenance
 from ptq4dm.models import build_unet, load_diffusion_model
@@ -40,11 +41,12 @@ from ptq4dm.quant.api import quantizers
 from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction
 from ptq4dm.utils.io import atomic_write_json
 from ptq4dm.utils.precision import denoiser
+from ptq4dm.utils.targets import build_typed
 
 BITS = {"w4a8": (4, 8), "w8a8": (8, 8), "w4a4": (4, 4)}
 RECON = {"none": None, "adaround": LayerReconstruction, "brecq": BlockReconstruction, "qdrop": QDropReconstruction}
-# conf/weight_metric/auto.yaml and mse.yaml
-WEIGHT_METRICS = {"auto": ByBitWidth(), "mse": LpDistance(2.4)}
+CONF = Path(__file__).resolve().parents[2] / "conf"
+WEIGHT_METRICS = sorted(p.stem for p in (CONF / "weight_metric").glob("*.yaml"))
 SIZES = {"tiny": ((32, 64, 64, 64), 8), "small": ((64, 128, 128, 128), 16), "ddpm_cifar10": ((128, 256, 256, 256), 32)}
 
 
@@ -57,6 +59,11 @@ def save(out: Path, key: str, value: dict) -> None:
     results[key] = value
     atomic_write_json(out, results)
     print(key, json.dumps(value)[:400], flush=True)
+
+
+def preset(group: str, name: str, key: str, kind: type):
+    """What the config group's preset builds (conf/<group>/<name>.yaml, its ``key`` node), as a job would."""
+    return build_typed(OmegaConf.load(CONF / group / f"{name}.yaml")[key], f"{group}/{name}.{key}", kind)
 
 
 def sync():
@@ -101,8 +108,8 @@ def quality(args, device) -> None:
     hx, ht = held.x.to(device), held.t.to(device)
     # The recipe beyond the preset, named in the key only where it differs from the defaults (so that earlier
     # results keep their keys): weight ranges, SmoothQuant's balance, Q-Diffusion's shortcut split.
-    search = RangeSearch(weight_metric=WEIGHT_METRICS[args.weight_metric])
-    balance = ChannelBalance() if args.balance else None
+    search = RangeSearch(weight_metric=preset("weight_metric", args.weight_metric, "fn", RangeMetric))
+    balance = preset("balance", "smoothquant", "method", ChannelBalance) if args.balance else None
     variant = "".join(f"/{part}" for part, on in ((f"weights-{args.weight_metric}", args.weight_metric != "auto"),
                                                   ("balance", args.balance), ("split", args.split)) if on)
     for bits in args.bits:
@@ -209,9 +216,9 @@ def main() -> None:
     q.add_argument("--images", type=int, default=512)
     q.add_argument("--calib-samples", type=int, default=1024)
     q.add_argument("--seed", type=int, default=1234, help="calibration seed")
-    q.add_argument("--weight-metric", default="auto", choices=sorted(WEIGHT_METRICS),
-                   help="weight ranges: auto (min/max below 8 bits) or mse (the Lp search at every width)")
-    q.add_argument("--balance", action="store_true", help="SmoothQuant's channel balance (balance=smoothquant)")
+    q.add_argument("--weight-metric", default="auto", choices=WEIGHT_METRICS,
+                   help="weight ranges: a weight_metric/ preset (auto: min/max below 8 bits; mse: the Lp search)")
+    q.add_argument("--balance", action="store_true", help="balance=smoothquant (SmoothQuant's channel balance)")
     q.add_argument("--split", action="store_true", help="ops.shortcut_split=true")
     s = sub.add_parser("scaling")
     s.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
