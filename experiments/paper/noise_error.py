@@ -6,6 +6,7 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py balance > experiments/results/balance_proxy_cpu.txt
     python experiments/paper/noise_error.py timesteps > experiments/results/timestep_ranges_proxy_cpu.txt
     python experiments/paper/noise_error.py balance_quantile > experiments/results/balance_quantile_proxy_cpu.txt
+    python experiments/paper/noise_error.py timestep_groups > experiments/results/timestep_groups_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
 channel-balance set, BALANCE_QUANTILE, or TIMESTEPS) to add one. The calibration seconds are wall time on
@@ -80,10 +81,24 @@ TIMESTEPS = {
 }
 
 
-def main(variants: dict[str, list[str]] = VARIANTS) -> None:
+# Time-step-aware activation ranges, an upper bound without building them: one calibration per time-step window
+# (NDTC's normal draw narrowed to it), each read in its own window's column against NDTC's one range for all t.
+# The windows split the early steps too, where the error that costs contrast is made (contrast_by_step_cpu.txt).
+TIMESTEP_GROUPS = {
+    "w8a8 NDTC (0.4, 0.4), one range for all t": [],
+    "w8a8 calibrated at t ~ N(0.1 T, 0.05 T)": ["calib.timesteps.mean=0.1", "calib.timesteps.std=0.05"],
+    "w8a8 calibrated at t ~ N(0.35 T, 0.08 T)": ["calib.timesteps.mean=0.35", "calib.timesteps.std=0.08"],
+    "w8a8 calibrated at t ~ N(0.75 T, 0.13 T)": ["calib.timesteps.mean=0.75", "calib.timesteps.std=0.13"],
+}
+
+
+def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 1000)), held_out_n: int = 40) -> None:
     torch.set_num_threads(2)
-    print(f"# {' '.join(BASE)}; CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    print("| variant | relative eps error | t < 200 | t >= 200 | calibration (s) |\n| --- | --- | --- | --- | --- |")
+    print(f"# {' '.join(BASE)}; {held_out_n} held-out inputs; CPU: {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}")
+    names = [f"t < {hi}" if lo == 0 else f"t >= {lo}" if hi >= 1000 else f"{lo} <= t < {hi}" for lo, hi in windows]
+    print(f"| variant | relative eps error | {' | '.join(names)} | calibration (s) |")
+    print("| --- " * (len(windows) + 3) + "|")
     held_out = None
     for name, extra in variants.items():
         torch.manual_seed(0)
@@ -97,16 +112,19 @@ def main(variants: dict[str, list[str]] = VARIANTS) -> None:
         seconds = time.perf_counter() - t0
         if held_out is None:  # the same inputs for every variant, from another seed than calibration
             held_out = build_calibration_set(module.in_precision(module.fp_unet), sampler, Uniform(), Trajectory(),
-                                             40, model.image_shape, seed=99, batch_size=40, progress=False)
+                                             held_out_n, model.image_shape, seed=99, batch_size=40, progress=False)
         with torch.no_grad():
             ref = module.fp_unet(held_out.x, held_out.t).sample
             out = module.unet(held_out.x, held_out.t).sample
         err = (out - ref).pow(2).flatten(1).mean(1) / ref.pow(2).flatten(1).mean(1)
-        late = held_out.t < 200
-        print(f"| {name} | {err.mean():.2e} | {err[late].mean():.2e} | {err[~late].mean():.2e} | {seconds:.0f} |",
-              flush=True)
+        parts = [f"{err[(held_out.t >= lo) & (held_out.t < hi)].mean():.2e}" for lo, hi in windows]
+        print(f"| {name} | {err.mean():.2e} | {' | '.join(parts)} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
-    sets = {"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS}
-    main(sets.get(sys.argv[1] if sys.argv[1:] else "", VARIANTS))
+    mode = sys.argv[1] if sys.argv[1:] else ""
+    if mode == "timestep_groups":
+        main(TIMESTEP_GROUPS, windows=((0, 200), (200, 500), (500, 1000)), held_out_n=120)
+    else:
+        sets = {"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS}
+        main(sets.get(mode, VARIANTS))
