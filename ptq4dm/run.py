@@ -171,9 +171,19 @@ def grouped(rows: list[dict], shown: int = 3) -> list[dict]:
 
 
 def reconstruction_summary(rows: list[dict]) -> dict:
-    """Totals of the per-unit table (reconstruction.csv): units, seconds, summed output errors before and after."""
+    """Totals of the per-unit table (reconstruction.csv): units, seconds, summed output errors before and after;
+    for a method of several stages (recon=qdiffusion) the same per stage too, as each stage has its own loss."""
     if not rows:
         return {}
+    summary = _recon_totals(rows)
+    stages = list(dict.fromkeys(r.get("stage") or "" for r in rows))
+    if len(stages) > 1:
+        summary["stages"] = {stage: _recon_totals([r for r in rows if (r.get("stage") or "") == stage])
+                             for stage in stages}
+    return summary
+
+
+def _recon_totals(rows: list[dict]) -> dict:
     summary = {"units": len(rows), "seconds": sum(r["seconds"] for r in rows),
                "loss_before": sum(r["loss_before"] for r in rows), "loss_after": sum(r["loss_after"] for r in rows),
                "units_improved": sum(r["loss_after"] < r["loss_before"] for r in rows)}

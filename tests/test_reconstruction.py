@@ -15,7 +15,8 @@ import ptq4dm
 from ptq4dm.calibration import CalibrationRecipe, RangeSearch, Trajectory, Uniform
 from ptq4dm.models import build_noise_scheduler
 from ptq4dm.quant import QuantConfig, load_quantized, quantizers, save_quantized
-from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction, find_units
+from ptq4dm.reconstruction import (BlockReconstruction, LayerReconstruction, QDropReconstruction,
+                                   TwoStageReconstruction, find_units)
 from ptq4dm.utils.config import CONF_DIR
 from ptq4dm.utils.targets import build_typed
 from tests.test_run import SMALL
@@ -55,6 +56,35 @@ def test_each_preset_lowers_its_units_output_error(method):
     learned = [q for name, q in quantizers(qnet).items() if ".weight_quantizers." in name and q.rounding.numel()]
     assert learned and all(set(q.rounding.unique().tolist()) <= {0, 1} for q in learned)
     assert "reconstruction_seconds" in report.timings
+
+
+def test_two_stage_learns_rounding_then_step_sizes_with_the_rounding_fixed():
+    """recon=qdiffusion: every unit's weight rounding with activations off (the same as BRECQ's), then every unit's
+    activation step sizes with activations on; the second stage lowers its own error and leaves the rounding."""
+    acts = {**FAST, "act_lr": 1e-3, "act_lr_schedule": "cosine", "loss_p": 2.4, "inputs": "fp"}
+    qnet, report = _quantize(TwoStageReconstruction(weights=FAST, activations=acts))
+    stages = [u.stage for u in report.reconstruction]
+    n = len(stages) // 2
+    assert n > 5 and stages == ["weights"] * n + ["activations"] * n
+    for stage in ("weights", "activations"):
+        units = [u for u in report.reconstruction if u.stage == stage]
+        assert sum(u.loss_after for u in units) < sum(u.loss_before for u in units), stage
+    brecq, _ = _quantize(BlockReconstruction(**FAST))
+    two, one = quantizers(qnet), quantizers(brecq)
+    weight_names = [name for name in two if ".weight_quantizers." in name]
+    assert all(torch.equal(two[k].rounding, one[k].rounding) for k in weight_names)
+    assert any(not torch.equal(two[k].scale, one[k].scale) for k in two if k not in weight_names)
+
+
+def test_two_stage_names_the_stage_key_in_errors():
+    with pytest.raises(ValueError, match=r"recon\.method\.activations\.iters=0: allowed is a whole number"):
+        TwoStageReconstruction(activations={"iters": 0})
+    with pytest.raises(ValueError, match=r"recon\.method\.weights: \['act_quant'\] are what make this stage"):
+        TwoStageReconstruction(weights={"act_quant": True})
+    with pytest.raises(ValueError, match=r"recon\.method\.activations: .*unexpected keyword argument 'itres'"):
+        TwoStageReconstruction(activations={"itres": 5})
+    with pytest.raises(ValueError, match=r"recon\.method\.act_lr_schedule='linear': allowed is 'constant' or"):
+        QDropReconstruction(act_lr_schedule="linear")
 
 
 def test_units_are_outermost_blocks_in_execution_order():
@@ -123,6 +153,13 @@ def test_recon_presets_compose_and_check_their_values():
             cfg = compose("run", overrides=[f"recon={name}", "output_dir=x"])
         method = build_typed(cfg.recon.method, "recon.method", Reconstruction)
         assert method.name == name
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=["recon=qdiffusion", "output_dir=x"])
+    stages = build_typed(cfg.recon.method, "recon.method", Reconstruction).stages  # Q-Diffusion's script's values
+    assert (stages["weights"].iters, stages["weights"].act_quant, stages["weights"].inputs) == (20000, False, "quantized")
+    acts = stages["activations"]
+    assert (acts.iters, acts.act_lr, acts.loss_p, acts.inputs, acts.keep, acts.learn_weights, acts.act_lr_schedule) == \
+        (5000, 4e-4, 2.4, "fp", 1.0, False, "cosine")
     with pytest.raises(ValueError, match=r"recon\.method\.keep=1\.5: allowed is a probability in \(0, 1\]"):
         QDropReconstruction(keep=1.5)
     with pytest.raises(ValueError, match=r"recon\.method\.inputs='upstream': allowed is 'quantized'"):
@@ -166,3 +203,15 @@ def test_held_out_zero_keeps_the_digest_of_jobs_made_before_the_key():
     before = OmegaConf.create(OmegaConf.to_container(off))
     del before["recon"]["method"]["held_out"]
     assert config_digest(off) == config_digest(before) != config_digest(on)
+
+
+def test_summary_totals_each_stage_of_a_two_stage_method():
+    from ptq4dm.run import reconstruction_summary
+
+    row = dict(unit="u", kind="layer", layers=1, seconds=1.0, held_out_before=None, held_out_after=None)
+    rows = [{**row, "loss_before": 4.0, "loss_after": 2.0, "stage": "weights"},
+            {**row, "loss_before": 1.0, "loss_after": 0.5, "stage": "activations"}]
+    summary = reconstruction_summary(rows)
+    assert summary["stages"]["weights"]["loss_after"] == 2.0 and summary["stages"]["activations"]["loss_before"] == 1.0
+    assert list(summary["stages"]) == ["weights", "activations"] and summary["units"] == 2
+    assert "stages" not in reconstruction_summary([{**r, "stage": ""} for r in rows])

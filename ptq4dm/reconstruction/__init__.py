@@ -10,7 +10,8 @@ from ptq4dm.reconstruction.methods import (
     UnitReconstruction,
     UnitReport,
 )
+from ptq4dm.reconstruction.two_stage import TwoStageReconstruction
 from ptq4dm.reconstruction.units import BLOCK_TYPES, Unit, find_units
 
 __all__ = ["BLOCK_TYPES", "BlockReconstruction", "LayerReconstruction", "QDropReconstruction", "Reconstruction",
-           "ReconstructionContext", "Unit", "UnitReconstruction", "UnitReport", "find_units"]
+           "ReconstructionContext", "TwoStageReconstruction", "Unit", "UnitReconstruction", "UnitReport", "find_units"]

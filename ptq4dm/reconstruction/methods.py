@@ -19,6 +19,7 @@ them too: whether learned rounding generalises past the samples it was fitted to
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class UnitReport:
     seconds: float
     held_out_before: float | None = None
     held_out_after: float | None = None
+    stage: str = ""  # a multi-stage method's stage ("weights", "activations"); "" for one stage
 
 
 @dataclass
@@ -91,7 +93,8 @@ class UnitReconstruction(Reconstruction):
                  act_quant: bool = False, keep: float = 1.0, round_weight: float = 0.01, b_start: float = 20.0,
                  b_end: float = 2.0, warmup: float = 0.2, loss_p: float = 2.0, inputs: str = "quantized",
                  block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0,
-                 cuda_graphs: bool = True, held_out: int = 0):
+                 cuda_graphs: bool = True, held_out: int = 0, learn_weights: bool = True,
+                 act_lr_schedule: str = "constant"):
         checks = {"granularity": (granularity in ("block", "layer"), "'block' or 'layer'"),
                   "iters": (isinstance(iters, int) and iters >= 1, "a whole number of 1 or more"),
                   "batch_size": (isinstance(batch_size, int) and batch_size >= 1, "a whole number of 1 or more"),
@@ -103,20 +106,23 @@ class UnitReconstruction(Reconstruction):
                   "inputs": (inputs in ("quantized", "fp"), "'quantized' (the default) or 'fp'"),
                   "eval_samples": (isinstance(eval_samples, int) and eval_samples >= 1, "1 or more"),
                   "held_out": (isinstance(held_out, int) and held_out >= 0,
-                               "a whole number of 0 or more, fewer than calib.num_samples")}
+                               "a whole number of 0 or more, fewer than calib.num_samples"),
+                  "act_lr_schedule": (act_lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")}
         for key, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"recon.method.{key}={locals()[key]!r}: allowed is {allowed}")
         if learn_act_scale and not act_quant:
             raise ValueError("recon.method.learn_act_scale=true needs act_quant=true (activations quantized during "
                              "reconstruction)")
+        if not (learn_weights or learn_act_scale):
+            raise ValueError("recon.method.learn_weights=false needs learn_act_scale=true: else nothing is learned")
         self.granularity, self.iters, self.batch_size = granularity, iters, batch_size
         self.weight_lr, self.act_lr, self.learn_act_scale = weight_lr, act_lr, learn_act_scale
         self.act_quant, self.keep, self.round_weight = act_quant, keep, round_weight
         self.b_start, self.b_end, self.warmup, self.loss_p = b_start, b_end, warmup, loss_p
         self.inputs, self.block_types = inputs, tuple(block_types)
         self.eval_samples, self.seed, self.cuda_graphs = eval_samples, seed, bool(cuda_graphs)
-        self.held_out = held_out
+        self.held_out, self.learn_weights, self.act_lr_schedule = held_out, learn_weights, act_lr_schedule
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -160,18 +166,27 @@ class UnitReconstruction(Reconstruction):
         before = self._loss(unit.module, inputs, target, seen, ctx)
         unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
+        # learn_weights=false: the weights keep the rounding they have (an earlier stage's, or the nearest)
         weights = [AdaRoundWeight(q, layer.weight_part(i)) for layer in layers
-                   for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready]
+                   for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready] if self.learn_weights else []
         acts = [LearnedActivation(q, self.learn_act_scale, self.keep) for layer in layers
                 for q in [*layer.input_quantizers, *layer.output_quantizers] if q.enabled and q.ready] \
             if self.act_quant else []
+        if not self.learn_weights and not (self.learn_act_scale and acts):  # nothing of this unit to learn
+            for layer in layers:
+                layer.freeze_weight()
+            return UnitReport(unit.name, unit.kind, len(layers), before, before, time.perf_counter() - t0,
+                              unseen_before, unseen_before)
         for part in [*weights, *acts]:
             part.quantizer.set_override(part)
-        groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}]
-        if self.learn_act_scale and acts:
-            groups.append({"params": [a.scale for a in acts], "lr": self.act_lr})
-        # fused: one kernel for Adam's whole update; capturable: its step count stays on the device (CUDA graphs)
         cuda = ctx.device.type == "cuda"
+        groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}] if self.learn_weights else []
+        if self.learn_act_scale and acts:
+            # a scheduled rate on a GPU is a device tensor, refilled before each step (a captured graph reads it)
+            lr = torch.tensor(self.act_lr, device=ctx.device) if cuda and self.act_lr_schedule != "constant" \
+                else self.act_lr
+            groups.append({"params": [a.scale for a in acts], "lr": lr, "scheduled": True})
+        # fused: one kernel for Adam's whole update; capturable: its step count stays on the device (CUDA graphs)
         optimizer = torch.optim.Adam(groups, fused=cuda, capturable=cuda)
         start = int(self.warmup * self.iters)
         regularised = self.round_weight > 0 and bool(weights)
@@ -195,6 +210,14 @@ class UnitReconstruction(Reconstruction):
             def prepare(it: int) -> None:
                 idx.copy_(draws[it])
                 b.fill_(self.b_start + (self.b_end - self.b_start) * (it - start) / max(self.iters - start, 1))
+                if self.act_lr_schedule == "cosine":  # torch's CosineAnnealingLR(T_max=iters, eta_min=0)
+                    for group in optimizer.param_groups:
+                        if group.get("scheduled"):
+                            rate = self.act_lr * 0.5 * (1 + math.cos(math.pi * it / self.iters))
+                            if torch.is_tensor(group["lr"]):
+                                group["lr"].fill_(rate)
+                            else:
+                                group["lr"] = rate
 
             # Two phases (rounding regulariser off, then on), each one step function run for its iterations.
             phases = [(range(0, start), False), (range(start, self.iters), regularised)]
