@@ -16,6 +16,7 @@ call's limit resumes where it stopped.
 
     python experiments/reconstruction/recon_benchmark.py --out recon.json quality --bits w4a8 --recon none brecq
     python experiments/reconstruction/recon_benchmark.py --out recon.json quality --recon qdrop --weight-metric mse --balance --split
+    python experiments/reconstruction/recon_benchmark.py --out recon.json quality --recon qdiffusion --balance --split
     python experiments/reconstruction/recon_benchmark.py --out recon.json scaling --iters 100 400
     python experiments/reconstruction/recon_benchmark.py --out recon.json graphs --iters 300
 """
@@ -38,14 +39,25 @@ from ptq4dm.experiment.provenance import provenance
 from ptq4dm.models import build_unet, load_diffusion_model
 from ptq4dm.models import DiffusionModel, build_noise_scheduler
 from ptq4dm.quant.api import quantizers
-from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction
+from ptq4dm.reconstruction import BlockReconstruction, LayerReconstruction, QDropReconstruction, Reconstruction
 from ptq4dm.utils.io import atomic_write_json
 from ptq4dm.utils.precision import denoiser
 from ptq4dm.utils.targets import build_typed
 
 BITS = {"w4a8": (4, 8), "w8a8": (8, 8), "w4a4": (4, 4)}
-RECON = {"none": None, "adaround": LayerReconstruction, "brecq": BlockReconstruction, "qdrop": QDropReconstruction}
 CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def qdiffusion(iters: int, batch_size: int = 32) -> Reconstruction:
+    """recon=qdiffusion as its preset builds it, with ``iters`` and ``batch_size`` for each of its two stages."""
+    node = OmegaConf.load(CONF / "recon" / "qdiffusion.yaml").method
+    for stage in ("weights", "activations"):
+        node[stage].iters, node[stage].batch_size = iters, batch_size
+    return build_typed(node, "recon/qdiffusion.method", Reconstruction)
+
+
+RECON = {"none": None, "adaround": LayerReconstruction, "brecq": BlockReconstruction, "qdrop": QDropReconstruction,
+         "qdiffusion": qdiffusion}  # qdiffusion: --iters steps in each stage
 WEIGHT_METRICS = sorted(p.stem for p in (CONF / "weight_metric").glob("*.yaml"))
 SIZES = {"tiny": ((32, 64, 64, 64), 8), "small": ((64, 128, 128, 128), 16), "ddpm_cifar10": ((128, 256, 256, 256), 32)}
 
@@ -210,7 +222,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--bits", nargs="+", default=["w4a8"], choices=sorted(BITS))
-    q.add_argument("--recon", nargs="+", default=list(RECON), choices=list(RECON))
+    q.add_argument("--recon", nargs="+", default=["none", "adaround", "brecq", "qdrop"], choices=list(RECON))
     q.add_argument("--iters", type=int, default=2000)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--images", type=int, default=512)
