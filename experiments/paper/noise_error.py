@@ -7,6 +7,7 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py timesteps > experiments/results/timestep_ranges_proxy_cpu.txt
     python experiments/paper/noise_error.py balance_quantile > experiments/results/balance_quantile_proxy_cpu.txt
     python experiments/paper/noise_error.py timestep_groups > experiments/results/timestep_groups_proxy_cpu.txt
+    python experiments/paper/noise_error.py act_stage > experiments/results/act_stage_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
 channel-balance set, BALANCE_QUANTILE, or TIMESTEPS) to add one. The calibration seconds are wall time on
@@ -91,6 +92,26 @@ TIMESTEP_GROUPS = {
     "w8a8 calibrated at t ~ N(0.75 T, 0.13 T)": ["calib.timesteps.mean=0.75", "calib.timesteps.std=0.13"],
 }
 
+# Q-Diffusion's activation stage (recon=qdiffusion: step sizes learned after the rounding, every activation on)
+# against the rounding alone (brecq) and QDrop's joint learning, at W8A8 where the 8-bit activations cost most;
+# few steps per unit, so that it runs on a CPU (a direction, not the GPU's 5000-20000 steps).
+STEPS = 200
+ACT_STAGE = {
+    "w8a8 range search only": [],
+    f"w8a8 brecq, {STEPS} steps": ["recon=brecq", f"recon.method.iters={STEPS}"],
+    f"w8a8 qdrop, {STEPS} steps": ["recon=qdrop", f"recon.method.iters={STEPS}"],
+    f"w8a8 qdiffusion, {STEPS} + {STEPS} steps": ["recon=qdiffusion", f"recon.method.weights.iters={STEPS}",
+                                                  f"recon.method.activations.iters={STEPS}"],
+    # which part of the activation stage: its inputs (Q-Diffusion's FP inputs against what the unit receives in
+    # the quantized network) or its rate (4e-4 against QDrop's 4e-5)
+    f"w8a8 qdiffusion, {STEPS} + {STEPS} steps, activation stage on quantized inputs": [
+        "recon=qdiffusion", f"recon.method.weights.iters={STEPS}", f"recon.method.activations.iters={STEPS}",
+        "recon.method.activations.inputs=quantized"],
+    f"w8a8 qdiffusion, {STEPS} + {STEPS} steps, activation rate 4e-5": [
+        "recon=qdiffusion", f"recon.method.weights.iters={STEPS}", f"recon.method.activations.iters={STEPS}",
+        "recon.method.activations.act_lr=4e-5"],
+}
+
 
 def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 1000)), held_out_n: int = 40) -> None:
     torch.set_num_threads(2)
@@ -126,5 +147,8 @@ if __name__ == "__main__":
     if mode == "timestep_groups":
         main(TIMESTEP_GROUPS, windows=((0, 200), (200, 500), (500, 1000)), held_out_n=120)
     else:
-        sets = {"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS}
-        main(sets.get(mode, VARIANTS))
+        sets = {"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS,
+                "act_stage": ACT_STAGE}
+        only = sys.argv[2:]  # e.g. "act_stage 4 5": only those variants (by position), the rest already measured
+        variants = sets.get(mode, VARIANTS)
+        main({k: v for i, (k, v) in enumerate(variants.items()) if not only or str(i) in only})
