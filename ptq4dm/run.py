@@ -171,23 +171,24 @@ def grouped(rows: list[dict], shown: int = 3) -> list[dict]:
 
 
 def reconstruction_summary(rows: list[dict]) -> dict:
-    """Totals of the per-unit table (reconstruction.csv): units, seconds, summed output errors before and after;
-    for a method of several stages (recon=qdiffusion) the same per stage too, as each stage has its own loss."""
+    """Totals of the per-unit table (reconstruction.csv): units, seconds, summed output errors before and after.
+    A method of several stages (recon=qdiffusion) has them per stage only: each stage has its own loss."""
     if not rows:
         return {}
-    summary = _recon_totals(rows)
-    stages = list(dict.fromkeys(r.get("stage") or "" for r in rows))
-    if len(stages) > 1:
-        summary["stages"] = {stage: _recon_totals([r for r in rows if (r.get("stage") or "") == stage])
-                             for stage in stages}
-    return summary
+    by_stage: dict[str, list[dict]] = {}
+    for r in rows:
+        by_stage.setdefault(r.get("stage") or "", []).append(r)
+    if len(by_stage) == 1:
+        return _recon_totals(rows)
+    return {"units": len({r["unit"] for r in rows}), "seconds": sum(r["seconds"] for r in rows),
+            "stages": {stage: _recon_totals(part) for stage, part in by_stage.items()}}
 
 
 def _recon_totals(rows: list[dict]) -> dict:
     summary = {"units": len(rows), "seconds": sum(r["seconds"] for r in rows),
                "loss_before": sum(r["loss_before"] for r in rows), "loss_after": sum(r["loss_after"] for r in rows),
                "units_improved": sum(r["loss_after"] < r["loss_before"] for r in rows)}
-    if rows[0].get("held_out_after") is not None:  # recon.method.held_out > 0: the same on unseen samples
+    if all(r.get("held_out_after") is not None for r in rows):  # recon.method.held_out > 0: the same, unseen
         summary.update(held_out_before=sum(r["held_out_before"] for r in rows),
                        held_out_after=sum(r["held_out_after"] for r in rows))
     return summary

@@ -79,8 +79,14 @@ def test_two_stage_learns_rounding_then_step_sizes_with_the_rounding_fixed():
 def test_two_stage_names_the_stage_key_in_errors():
     with pytest.raises(ValueError, match=r"recon\.method\.activations\.iters=0: allowed is a whole number"):
         TwoStageReconstruction(activations={"iters": 0})
-    with pytest.raises(ValueError, match=r"recon\.method\.weights: \['act_quant'\] are what make this stage"):
+    with pytest.raises(ValueError, match=r"recon\.method\.weights\.act_quant=True: this stage fixes it to False"):
         TwoStageReconstruction(weights={"act_quant": True})
+    with pytest.raises(ValueError, match=r"recon\.method\.activations\.held_out: allowed is recon\.method\.held_out"):
+        TwoStageReconstruction(activations={"held_out": 4})
+    with pytest.raises(ValueError, match=r"recon\.method\.held_out=16: allowed is fewer than"):
+        TwoStageReconstruction(held_out=16).check(16)
+    with pytest.raises(ValueError, match=r"recon\.method\.act_lr_schedule='cosine' needs learn_act_scale=true"):
+        BlockReconstruction(act_lr_schedule="cosine")
     with pytest.raises(ValueError, match=r"recon\.method\.activations: .*unexpected keyword argument 'itres'"):
         TwoStageReconstruction(activations={"itres": 5})
     with pytest.raises(ValueError, match=r"recon\.method\.act_lr_schedule='linear': allowed is 'constant' or"):
@@ -205,6 +211,18 @@ def test_held_out_zero_keeps_the_digest_of_jobs_made_before_the_key():
     assert config_digest(off) == config_digest(before) != config_digest(on)
 
 
+def test_cosine_rate_is_torchs_cosine_annealing():
+    from ptq4dm.reconstruction.methods import cosine_rate
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=4e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=0.0)
+    for it in range(10):
+        assert cosine_rate(4e-4, it, 10) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        optimizer.step()
+        schedule.step()
+
+
 def test_summary_totals_each_stage_of_a_two_stage_method():
     from ptq4dm.run import reconstruction_summary
 
@@ -213,5 +231,6 @@ def test_summary_totals_each_stage_of_a_two_stage_method():
             {**row, "loss_before": 1.0, "loss_after": 0.5, "stage": "activations"}]
     summary = reconstruction_summary(rows)
     assert summary["stages"]["weights"]["loss_after"] == 2.0 and summary["stages"]["activations"]["loss_before"] == 1.0
-    assert list(summary["stages"]) == ["weights", "activations"] and summary["units"] == 2
+    assert list(summary["stages"]) == ["weights", "activations"] and summary["units"] == 1  # one unit, two stages
+    assert "loss_before" not in summary  # two different losses are not added up
     assert "stages" not in reconstruction_summary([{**r, "stage": ""} for r in rows])

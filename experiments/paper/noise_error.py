@@ -143,12 +143,17 @@ def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 100
 
 
 if __name__ == "__main__":
-    mode = sys.argv[1] if sys.argv[1:] else ""
+    sets = {"": VARIANTS, "balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS,
+            "timestep_groups": TIMESTEP_GROUPS, "act_stage": ACT_STAGE}
+    mode, only = (sys.argv[1] if sys.argv[1:] else ""), sys.argv[2:]  # e.g. "act_stage 4 5": those variants only
+    if mode not in sets:
+        sys.exit(f"mode {mode!r}: allowed are {sorted(m for m in sets if m)} or none (the default variants)")
+    variants = sets[mode]
+    wrong = [p for p in only if p not in map(str, range(len(variants)))]
+    if wrong:
+        sys.exit(f"variant positions {wrong}: allowed are 0 to {len(variants) - 1} for mode {mode!r}")
+    chosen = {k: v for i, (k, v) in enumerate(variants.items()) if not only or str(i) in only}
     if mode == "timestep_groups":
-        main(TIMESTEP_GROUPS, windows=((0, 200), (200, 500), (500, 1000)), held_out_n=120)
+        main(chosen, windows=((0, 200), (200, 500), (500, 1000)), held_out_n=120)
     else:
-        sets = {"balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS,
-                "act_stage": ACT_STAGE}
-        only = sys.argv[2:]  # e.g. "act_stage 4 5": only those variants (by position), the rest already measured
-        variants = sets.get(mode, VARIANTS)
-        main({k: v for i, (k, v) in enumerate(variants.items()) if not only or str(i) in only})
+        main(chosen)

@@ -10,7 +10,8 @@ anneals linearly from ``b_start`` to ``b_end``.
 
 Presets (conf/recon/): ``adaround`` (each quantized layer alone), ``brecq`` (blocks), ``qdrop`` (blocks with
 activation quantization on during reconstruction, each value quantized with probability ``keep`` = 0.5, and
-activation step sizes learned). A new method is one subclass of ``Reconstruction`` plus one YAML file.
+activation step sizes learned), ``qdiffusion`` (two_stage.py: rounding first, then step sizes). A new method is
+one subclass of ``Reconstruction`` plus one YAML file.
 
 ``held_out`` > 0 keeps the last that many calibration samples out of training and reports each unit's error on
 them too: whether learned rounding generalises past the samples it was fitted to, or only memorises them.
@@ -116,6 +117,9 @@ class UnitReconstruction(Reconstruction):
                              "reconstruction)")
         if not (learn_weights or learn_act_scale):
             raise ValueError("recon.method.learn_weights=false needs learn_act_scale=true: else nothing is learned")
+        if act_lr_schedule != "constant" and not learn_act_scale:
+            raise ValueError(f"recon.method.act_lr_schedule={act_lr_schedule!r} needs learn_act_scale=true: it "
+                             "schedules the step sizes' rate")
         self.granularity, self.iters, self.batch_size = granularity, iters, batch_size
         self.weight_lr, self.act_lr, self.learn_act_scale = weight_lr, act_lr, learn_act_scale
         self.act_quant, self.keep, self.round_weight = act_quant, keep, round_weight
@@ -161,8 +165,8 @@ class UnitReconstruction(Reconstruction):
         seen = torch.arange(min(n, self.eval_samples), device=ctx.device)
         unseen = torch.arange(n, inputs.size, device=ctx.device)
         layers = [ctx.q_network.get_submodule(name) for name in unit.layers]
-        for layer in layers:
-            layer.unfreeze_weight()
+        for layer in layers if self.learn_weights else []:  # else the weight stays as frozen (not re-quantized
+            layer.unfreeze_weight()                          # at every step; the same numbers)
         before = self._loss(unit.module, inputs, target, seen, ctx)
         unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
@@ -181,11 +185,11 @@ class UnitReconstruction(Reconstruction):
             part.quantizer.set_override(part)
         cuda = ctx.device.type == "cuda"
         groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}] if self.learn_weights else []
+        scheduled = self.act_lr_schedule != "constant" and bool(acts)
         if self.learn_act_scale and acts:
             # a scheduled rate on a GPU is a device tensor, refilled before each step (a captured graph reads it)
-            lr = torch.tensor(self.act_lr, device=ctx.device) if cuda and self.act_lr_schedule != "constant" \
-                else self.act_lr
-            groups.append({"params": [a.scale for a in acts], "lr": lr, "scheduled": True})
+            lr = torch.tensor(self.act_lr, device=ctx.device) if cuda and scheduled else self.act_lr
+            groups.append({"params": [a.scale for a in acts], "lr": lr})
         # fused: one kernel for Adam's whole update; capturable: its step count stays on the device (CUDA graphs)
         optimizer = torch.optim.Adam(groups, fused=cuda, capturable=cuda)
         start = int(self.warmup * self.iters)
@@ -210,14 +214,12 @@ class UnitReconstruction(Reconstruction):
             def prepare(it: int) -> None:
                 idx.copy_(draws[it])
                 b.fill_(self.b_start + (self.b_end - self.b_start) * (it - start) / max(self.iters - start, 1))
-                if self.act_lr_schedule == "cosine":  # torch's CosineAnnealingLR(T_max=iters, eta_min=0)
-                    for group in optimizer.param_groups:
-                        if group.get("scheduled"):
-                            rate = self.act_lr * 0.5 * (1 + math.cos(math.pi * it / self.iters))
-                            if torch.is_tensor(group["lr"]):
-                                group["lr"].fill_(rate)
-                            else:
-                                group["lr"] = rate
+                if scheduled:  # the step sizes' group is the last one
+                    group, rate = optimizer.param_groups[-1], cosine_rate(self.act_lr, it, self.iters)
+                    if torch.is_tensor(group["lr"]):
+                        group["lr"].fill_(rate)
+                    else:
+                        group["lr"] = rate
 
             # Two phases (rounding regulariser off, then on), each one step function run for its iterations.
             phases = [(range(0, start), False), (range(start, self.iters), regularised)]
@@ -281,6 +283,12 @@ class QDropReconstruction(UnitReconstruction):
     def __init__(self, **kwargs):
         super().__init__(**{"granularity": "block", "act_quant": True, "keep": 0.5, "learn_act_scale": True,
                             **kwargs})
+
+
+def cosine_rate(lr: float, it: int, iters: int) -> float:
+    """The rate at step ``it`` of ``iters`` under torch's CosineAnnealingLR(T_max=iters, eta_min=0), stepped after
+    each optimizer step (Q-Diffusion's activation stage, qdiff/block_recon.py:107-108)."""
+    return lr * 0.5 * (1 + math.cos(math.pi * it / iters))
 
 
 def _tensor(out) -> torch.Tensor:

@@ -15,6 +15,7 @@ min/max observed with the upstream network quantized (sample_diffusion_ddim.py:2
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 from ptq4dm.reconstruction.methods import Reconstruction, ReconstructionContext, UnitReconstruction, UnitReport
@@ -28,31 +29,48 @@ ACTIVATION_STAGE = {"act_quant": True, "learn_act_scale": True, "learn_weights":
 
 class TwoStageReconstruction(Reconstruction):
     """``weights`` and ``activations``: each stage's UnitReconstruction settings (iters, batch_size, learning
-    rates, loss_p, inputs, ...; what makes it that stage is fixed); ``seed`` for both unless a stage sets one."""
+    rates, loss_p, inputs, ...; what makes it that stage is fixed); ``seed`` for both unless a stage sets one;
+    ``held_out`` for both (the report's held-out totals need the same samples in each stage)."""
 
     name = "two_stage"
 
-    def __init__(self, weights: dict | None = None, activations: dict | None = None, seed: int = 0):
-        self.stages = {"weights": _stage("weights", weights or {}, WEIGHT_STAGE, seed),
-                       "activations": _stage("activations", activations or {}, ACTIVATION_STAGE, seed)}
+    def __init__(self, weights: dict | None = None, activations: dict | None = None, seed: int = 0,
+                 held_out: int = 0):
+        if not (isinstance(held_out, int) and held_out >= 0):
+            raise ValueError(f"recon.method.held_out={held_out!r}: allowed is a whole number of 0 or more")
+        self.stages = {"weights": _stage("weights", weights or {}, WEIGHT_STAGE, seed, held_out),
+                       "activations": _stage("activations", activations or {}, ACTIVATION_STAGE, seed, held_out)}
+        for name, stage in self.stages.items():
+            stage.name = name  # its progress bar: "reconstruction (weights)"
 
     def check(self, num_samples: int) -> None:
-        for stage in self.stages.values():
+        for stage in self.stages.values():  # its one check is on held_out, this method's own key
             stage.check(num_samples)
 
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
         return [replace(report, stage=name) for name, stage in self.stages.items() for report in stage.run(context)]
 
 
-def _stage(name: str, settings: dict, fixed: dict, seed: int) -> UnitReconstruction:
-    clash = sorted(k for k in fixed if k in settings and settings[k] != fixed[k])
+def _stage(name: str, settings: dict, fixed: dict, seed: int, held_out: int) -> UnitReconstruction:
+    clash = next((k for k in sorted(fixed) if k in settings and settings[k] != fixed[k]), None)
     if clash:
-        raise ValueError(f"recon.method.{name}: {clash} are what make this stage {fixed}; leave them out")
+        raise ValueError(f"recon.method.{name}.{clash}={settings[clash]!r}: this stage fixes it to "
+                         f"{fixed[clash]!r}; leave it out")
+    if "held_out" in settings:
+        raise ValueError(f"recon.method.{name}.held_out: allowed is recon.method.held_out, for both stages")
     try:
-        return UnitReconstruction(**{"seed": seed, **settings, **fixed})
+        with _stage_keys(name):
+            return UnitReconstruction(**{"seed": seed, **settings, **fixed, "held_out": held_out})
     except TypeError as err:  # a key UnitReconstruction does not have
         raise ValueError(f"recon.method.{name}: {err}") from err
-    except ValueError as err:  # name the stage's key: recon.method.activations.iters, not recon.method.iters
+
+
+@contextmanager
+def _stage_keys(name: str):
+    """A stage's errors name its own keys: recon.method.activations.iters, not recon.method.iters."""
+    try:
+        yield
+    except ValueError as err:
         raise ValueError(str(err).replace("recon.method.", f"recon.method.{name}.")) from err
 
 
