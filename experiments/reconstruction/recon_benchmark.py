@@ -48,12 +48,20 @@ BITS = {"w4a8": (4, 8), "w8a8": (8, 8), "w4a4": (4, 4)}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def preset(group: str, name: str, key: str, kind: type, changes: dict | None = None):
+    """What the config group's preset builds (conf/<group>/<name>.yaml, its ``key`` node), as a job would, with
+    ``changes`` (dotted keys under ``key``) applied first."""
+    node = OmegaConf.load(CONF / group / f"{name}.yaml")[key]
+    for dotted, value in (changes or {}).items():
+        OmegaConf.update(node, dotted, value)
+    return build_typed(node, f"{group}/{name}.{key}", kind)
+
+
 def qdiffusion(iters: int, batch_size: int = 32) -> Reconstruction:
     """recon=qdiffusion as its preset builds it, with ``iters`` and ``batch_size`` for each of its two stages."""
-    node = OmegaConf.load(CONF / "recon" / "qdiffusion.yaml").method
-    for stage in ("weights", "activations"):
-        node[stage].iters, node[stage].batch_size = iters, batch_size
-    return build_typed(node, "recon/qdiffusion.method", Reconstruction)
+    return preset("recon", "qdiffusion", "method", Reconstruction,
+                  {f"{stage}.{k}": v for stage in ("weights", "activations")
+                   for k, v in (("iters", iters), ("batch_size", batch_size))})
 
 
 RECON = {"none": None, "adaround": LayerReconstruction, "brecq": BlockReconstruction, "qdrop": QDropReconstruction,
@@ -71,11 +79,6 @@ def save(out: Path, key: str, value: dict) -> None:
     results[key] = value
     atomic_write_json(out, results)
     print(key, json.dumps(value)[:400], flush=True)
-
-
-def preset(group: str, name: str, key: str, kind: type):
-    """What the config group's preset builds (conf/<group>/<name>.yaml, its ``key`` node), as a job would."""
-    return build_typed(OmegaConf.load(CONF / group / f"{name}.yaml")[key], f"{group}/{name}.{key}", kind)
 
 
 def sync():

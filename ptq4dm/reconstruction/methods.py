@@ -165,8 +165,9 @@ class UnitReconstruction(Reconstruction):
         seen = torch.arange(min(n, self.eval_samples), device=ctx.device)
         unseen = torch.arange(n, inputs.size, device=ctx.device)
         layers = [ctx.q_network.get_submodule(name) for name in unit.layers]
-        for layer in layers if self.learn_weights else []:  # else the weight stays as frozen (not re-quantized
-            layer.unfreeze_weight()                          # at every step; the same numbers)
+        if self.learn_weights:  # else the weights keep their frozen values: nothing re-quantizes them every step
+            for layer in layers:
+                layer.unfreeze_weight()
         before = self._loss(unit.module, inputs, target, seen, ctx)
         unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
@@ -176,7 +177,8 @@ class UnitReconstruction(Reconstruction):
         acts = [LearnedActivation(q, self.learn_act_scale, self.keep) for layer in layers
                 for q in [*layer.input_quantizers, *layer.output_quantizers] if q.enabled and q.ready] \
             if self.act_quant else []
-        if not self.learn_weights and not (self.learn_act_scale and acts):  # nothing of this unit to learn
+        learned_acts = self.learn_act_scale and bool(acts)
+        if not self.learn_weights and not learned_acts:  # nothing of this unit to learn
             for layer in layers:
                 layer.freeze_weight()
             return UnitReport(unit.name, unit.kind, len(layers), before, before, time.perf_counter() - t0,
@@ -185,8 +187,8 @@ class UnitReconstruction(Reconstruction):
             part.quantizer.set_override(part)
         cuda = ctx.device.type == "cuda"
         groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}] if self.learn_weights else []
-        scheduled = self.act_lr_schedule != "constant" and bool(acts)
-        if self.learn_act_scale and acts:
+        scheduled = learned_acts and self.act_lr_schedule != "constant"
+        if learned_acts:
             # a scheduled rate on a GPU is a device tensor, refilled before each step (a captured graph reads it)
             lr = torch.tensor(self.act_lr, device=ctx.device) if cuda and scheduled else self.act_lr
             groups.append({"params": [a.scale for a in acts], "lr": lr})
