@@ -149,3 +149,45 @@ def test_the_quantile_preset_composes_and_balances_a_network():
     # a lower statistic for max|x_j| gives factors at most SmoothQuant's (s grows with it), and some lower
     assert all((robust[n] <= smooth[n] * (1 + 1e-6)).all() for n in robust)
     assert any((robust[n] < smooth[n] * 0.99).any() for n in robust)
+
+
+def test_a_centred_balance_gives_offset_channels_the_whole_grid_and_keeps_the_function():
+    """Channels of one width at opposite offsets ([0, 4] and [-4, 0], as after a ReLU-like shift): balancing
+    alone cannot help (equal widths give equal factors), and the shared grid spans [-4, 4] with each channel on
+    one half; centred (Outlier Suppression+), every channel spans the whole grid, so the rounding error falls
+    about fourfold (half the step). The shift is added back after the quantizer, so with the quantizers off the
+    layer computes exactly as before, zero padding included (a 3x3 conv)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 4, 3, padding=1)
+    offsets = torch.tensor([2.0, -2.0] * 4).view(1, 8, 1, 1)
+    x = (torch.rand(64, 8, 6, 6) * 4 - 2) + offsets
+    w_absmax = layer.weight.detach().abs().amax(dim=(0, 2, 3))
+    hi, lo = x.amax(dim=(0, 2, 3)), x.amin(dim=(0, 2, 3))
+    errors = {}
+    for center in (False, True):
+        q = QuantLayer(layer, None, QuantSpec(8))  # weights in full precision: the activations' error alone
+        balance = ChannelBalance(0.5, center=center)
+        if center:
+            q.set_balance(balance.factors((hi - lo) / 2, w_absmax), (hi + lo) / 2)
+        else:
+            q.set_balance(balance.factors(x.abs().amax(dim=(0, 2, 3)), w_absmax))
+        shift = 0 if q.balance_shift is None else (q.balance_shift / q.balance).view(1, -1, 1, 1)
+        seen = x / q.balance.view(1, -1, 1, 1) - shift  # what the input quantizer sees
+        q.input_quantizers[0].set_range(seen.min(), seen.max())
+        with torch.no_grad():
+            errors[center] = (q(x) - layer(x)).pow(2).mean().item()
+            q.input_quantizers[0].enabled = False
+            torch.testing.assert_close(q(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert errors[True] < errors[False] / 2, errors
+
+
+def test_centred_balance_shifts_survive_save_and_load(tmp_path):
+    qnet, _ = _quantize(ChannelBalance(alpha=0.5, center=True))
+    shifted = {n for n, m in qnet.named_modules() if isinstance(m, QuantLayer) and m.balance_shift is not None}
+    assert len(shifted) > 20
+    save_quantized(qnet, tmp_path)
+    again = load_quantized(tiny_unet(), tmp_path)
+    assert shifted == {n for n, m in again.named_modules() if isinstance(m, QuantLayer) and m.balance_shift is not None}
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 400, 999])
+    with torch.no_grad():
+        assert torch.equal(again(x, t).sample, qnet(x, t).sample)

@@ -8,6 +8,7 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py balance_quantile > experiments/results/balance_quantile_proxy_cpu.txt
     python experiments/paper/noise_error.py timestep_groups > experiments/results/timestep_groups_proxy_cpu.txt
     python experiments/paper/noise_error.py act_stage > experiments/results/act_stage_proxy_cpu.txt
+    python experiments/paper/noise_error.py balance_center > experiments/results/balance_center_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
 channel-balance set, BALANCE_QUANTILE, or TIMESTEPS) to add one. The calibration seconds are wall time on
@@ -112,6 +113,20 @@ ACT_STAGE = {
         "recon.method.activations.act_lr=4e-5"],
 }
 
+# Channel shifting (balance.method.center, Outlier Suppression+) on top of SmoothQuant's scaling: a SiLU output's
+# -0.28 no longer stretches the shared grid of a balanced layer's input
+BALANCE_CENTER = {
+    "w8a8 smoothquant a=0.5": ["balance=smoothquant"],
+    "w8a8 smoothquant_centered a=0.5": ["balance=smoothquant_centered"],
+    "w8a8 smoothquant_centered a=0.75": ["balance=smoothquant_centered", "balance.method.alpha=0.75"],
+    "w8a8 smoothquant_centered a=1": ["balance=smoothquant_centered", "balance.method.alpha=1.0"],
+    # W4A8 with the 4-bit weights' Lp range search and the split, as main_10k's best W4A8 recipe starts
+    "w4a8 weight_metric=mse split smoothquant a=0.5": ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true",
+                                                      "balance=smoothquant"],
+    "w4a8 weight_metric=mse split smoothquant_centered a=0.5": [
+        "bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant_centered"],
+}
+
 
 def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 1000)), held_out_n: int = 40) -> None:
     torch.set_num_threads(2)
@@ -144,7 +159,8 @@ def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 100
 
 if __name__ == "__main__":
     sets = {"": VARIANTS, "balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS,
-            "timestep_groups": TIMESTEP_GROUPS, "act_stage": ACT_STAGE}
+            "timestep_groups": TIMESTEP_GROUPS, "act_stage": ACT_STAGE,
+            "balance_center": BALANCE_CENTER}
     mode, only = (sys.argv[1] if sys.argv[1:] else ""), sys.argv[2:]  # e.g. "act_stage 4 5": those variants only
     if mode not in sets:
         sys.exit(f"mode {mode!r}: allowed are {sorted(m for m in sets if m)} or none (the default variants)")

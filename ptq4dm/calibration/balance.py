@@ -17,6 +17,13 @@ max|x_j| is SmoothQuant's statistic, the largest value over the whole calibratio
 sets a channel's factor. ``sample_quantile`` < 1 takes instead that quantile over the calibration samples of each
 sample's own channel maximum (0.99: the 1% most extreme samples no longer set it); the range search after it
 still sees every value.
+
+``center`` (Outlier Suppression+, Wei et al. 2023, eq. 5-6: channel-wise shifting) also moves each channel's
+midpoint z_j = (max x_j + min x_j) / 2 to zero before the grid, and takes the half-range (max - min) / 2 for
+max|x_j|. A SiLU output spans [-0.28, M_j]: balanced without a shift, a narrow channel's -0.28 / s_j sets the
+shared grid's lower end for every channel; centered, every channel uses the grid's both halves. The shift is
+exact (z_j / s_j is added back after the quantizer, so zero padding still pads zeros): an integer kernel adds the
+weight times the shift as a constant map, computed once per input size.
 """
 
 from __future__ import annotations
@@ -36,11 +43,14 @@ from ptq4dm.quant.modules import QuantLayer, channel_dim, input_axis
 class ChannelBalance:
     """SmoothQuant's migration strength ``alpha`` in [0, 1]; factors are clamped to [1/max_factor, max_factor]
     so that an all-but-dead channel does not blow its weights up. ``sample_quantile`` in (0, 1]: which quantile
-    over calibration samples of each sample's channel maximum stands for max|x_j| (1: the maximum, SmoothQuant)."""
+    over calibration samples of each sample's channel maximum stands for max|x_j| (1: the maximum, SmoothQuant).
+    ``center``: shift each channel's midpoint to zero first (Outlier Suppression+); the statistic is then the
+    half-range."""
 
     alpha: float = 0.5
     max_factor: float = 1e4
     sample_quantile: float = 1.0
+    center: bool = False
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -85,10 +95,12 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
         def hook(module, inputs):
             x = inputs[0].detach()
             dim = channel_dim(module.layer, x)
-            # each sample's channel maxima (dim 0 is the batch in both conv and token layouts)
+            # each sample's channel maxima (dim 0 is the batch in both conv and token layouts); centred: the
+            # maxima of x and of -x side by side, (samples, 2 * channels)
             rest = [d for d in range(x.ndim) if d not in (0, dim)]
-            m = (x.abs().amax(dim=rest) if rest else x.abs()).float()  # amax over no dims would reduce all
-            m = m if dim != 0 else m.unsqueeze(0)
+            sides = (x, -x) if balance.center else (x.abs(),)
+            m = torch.cat([(v.amax(dim=rest) if rest else v).float() for v in sides], dim=-1)  # amax over no
+            m = m if dim != 0 else m.unsqueeze(0)                                           # dims reduces all
             seen = per_sample.setdefault(name, [])
             if balance.sample_quantile == 1 and seen:  # the maximum needs no per-sample history: keep one row
                 seen[0] = torch.maximum(seen[0], m.amax(dim=0, keepdim=True))
@@ -111,12 +123,16 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
     for name, layer in layers.items():
         if name not in per_sample:  # never called: nothing to balance
             continue
-        act_absmax = balance.channel_extremes(torch.cat(per_sample.pop(name)))
+        extremes = balance.channel_extremes(torch.cat(per_sample.pop(name)))
+        shift = None
+        if balance.center:
+            hi, neg_lo = extremes.chunk(2)
+            shift, extremes = (hi - neg_lo) / 2, (hi + neg_lo) / 2  # midpoint, half-range
         w = layer.layer.weight.detach().float()
         axis = input_axis(layer.layer)
         w_absmax = w.abs().amax(dim=[d for d in range(w.ndim) if d != axis])
-        chosen[name] = balance.factors(act_absmax, w_absmax)
-        layer.set_balance(chosen[name])
+        chosen[name] = balance.factors(extremes, w_absmax)
+        layer.set_balance(chosen[name], shift)
     return chosen
 
 

@@ -41,6 +41,8 @@ def save_quantized(model: nn.Module, folder: str | Path, extra: nn.Module | None
                for name, q in quantizers(module).items() for b in _BUFFERS}
     tensors.update({f"balance.{name}": layer.balance.detach().cpu().contiguous()  # channel balance factors
                     for name, layer in _balanced(model)})
+    tensors.update({f"balance_shift.{name}": layer.balance_shift.detach().cpu().contiguous()  # and shifts
+                    for name, layer in _balanced(model) if layer.balance_shift is not None})
     meta = {"quant_config": asdict(config), "edges": getattr(model, "quant_edges", None),
             "edge_roles": getattr(model, "quant_edge_roles", None),
             "splits": {n: m.split for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split},
@@ -146,15 +148,19 @@ def _restore(path: Path, meta: dict, tensors: dict, model: nn.Module, extra: nn.
     targets = {f"{part}.{n}": q for part, module in (("model", model), ("extra", extra), ("decoder", decoder))
                if module is not None for n, q in quantizers(module).items()}
     balance = {k: v for k, v in tensors.items() if k.startswith("balance.")}
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("balance.")}
+    shifts = {k.removeprefix("balance_shift."): v for k, v in tensors.items() if k.startswith("balance_shift.")}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("balance.", "balance_shift."))}
     expected = {f"{n}.{b}" for n in targets for b in _BUFFERS}
     required = {k for k in expected if k.rsplit(".", 1)[1] not in _OPTIONAL}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     unknown = sorted(k for k in balance if k.removeprefix("balance.") not in layers)
+    unknown += sorted(f"balance_shift.{k}" for k in shifts if f"balance.{k}" not in balance)
     if unknown:
-        raise ValueError(f"{path} does not fit this network: balance factors for layers it lacks {unknown[:5]}")
+        raise ValueError(f"{path} does not fit this network: balance factors or shifts for layers it lacks "
+                         f"(or without factors) {unknown[:5]}")
     for key, factors in balance.items():
-        layers[key.removeprefix("balance.")].set_balance(factors)
+        name = key.removeprefix("balance.")
+        layers[name].set_balance(factors, shifts.get(name))
     if not required <= set(tensors) <= expected:
         missing, unexpected = sorted(required - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"{path} does not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -9,7 +9,9 @@ quantizer, and the matching slices of the weight their own per-channel scales.
 With a channel balance (``set_balance``, SmoothQuant; ``calibration.balance``) the input is divided by one factor
 per input channel before its quantizer and the weight multiplied by the same factor along its input channels
 before its quantizer: the product is unchanged in full precision, and an integer kernel computes the same (the
-factor is part of the activation's quantize step and is folded into the stored weight).
+factor is part of the activation's quantize step and is folded into the stored weight). A balance may also
+shift each input channel (``shift``, Outlier Suppression+): the quantizer sees the balanced input minus
+shift / factor, and the shift is added back after it, so the layer still computes on the input itself.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class QuantLayer(nn.Module):
         self.layer, self.weight_spec, self.activation_spec, self.act_on = layer, weight, activation, act_on
         self.register_buffer("_frozen_weight", None, persistent=False)  # moves with .to(); not saved
         self.register_buffer("balance", None, persistent=False)  # per input channel (set_balance); saved by checkpoint
+        self.register_buffer("balance_shift", None, persistent=False)  # per input channel, or None; the same
         self.output_quantizers = nn.ModuleList(
             [Quantizer(activation, axis=1).to(layer.weight.device)] if activation and act_on == "output" else [])
         self.set_split(split)
@@ -80,14 +83,18 @@ class QuantLayer(nn.Module):
             if self.activation_spec and self.act_on == "input" else [])
         self._frozen_weight = None
 
-    def set_balance(self, factors: torch.Tensor | None) -> None:
-        """Divide the input by ``factors`` (one per input channel) and multiply the weight by them (None: off)."""
-        if factors is not None:
-            channels = self.layer.weight.shape[input_axis(self.layer)]
-            if factors.shape != (channels,):
-                raise ValueError(f"balance factors of shape {tuple(factors.shape)} for {channels} input channels")
-            factors = factors.detach().float().to(self.layer.weight.device)
-        self.balance = factors
+    def set_balance(self, factors: torch.Tensor | None, shift: torch.Tensor | None = None) -> None:
+        """Divide the input by ``factors`` (one per input channel) and multiply the weight by them (None: off);
+        ``shift`` (one per input channel, in the input's units) is taken off before the input quantizers and
+        added back after them."""
+        channels = self.layer.weight.shape[input_axis(self.layer)]
+        for what, v in (("factors", factors), ("shift", shift)):
+            if v is not None and v.shape != (channels,):
+                raise ValueError(f"balance {what} of shape {tuple(v.shape)} for {channels} input channels")
+        if shift is not None and factors is None:
+            raise ValueError("a balance shift needs balance factors (1 for none)")
+        as_buffer = lambda v: None if v is None else v.detach().float().to(self.layer.weight.device)  # noqa: E731
+        self.balance, self.balance_shift = as_buffer(factors), as_buffer(shift)
         self._frozen_weight = None
 
     def balanced_weight(self) -> torch.Tensor:
@@ -130,11 +137,16 @@ class QuantLayer(nn.Module):
         return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        shift = None
         if self.balance is not None:
             shape = [1] * x.ndim
             shape[channel_dim(self.layer, x)] = -1
             x = x.float() / self.balance.view(shape)  # in fp32: a bf16 quotient would be off by up to a level
-        y = self._compute(self._by_part(self.input_quantizers, x), output_size)
+            if self.balance_shift is not None and self.input_quantizers:
+                shift = (self.balance_shift / self.balance).view(shape)
+        x = self._by_part(self.input_quantizers, x) if shift is None else \
+            self._by_part(self.input_quantizers, x - shift) + shift
+        y = self._compute(x, output_size)
         return self.output_quantizers[0](y) if self.output_quantizers else y
 
     def _compute(self, x: torch.Tensor, output_size) -> torch.Tensor:
