@@ -35,6 +35,13 @@ activation ranges at the observed min/max (no clipping) and at the 99.99th perce
 the two halves of each skip concat) restores contrast; the default search otherwise.
 
     python experiments/paper/contrast_drift.py split > experiments/results/contrast_by_split_cpu.txt
+
+``eps_scale``: whether the lost contrast is a matter of how much noise the sampler takes off (exposure bias): the
+quantized network's noise prediction divided by a constant lambda slightly above 1 at every step (epsilon
+scaling, Ning et al. 2024) leaves more of x_t in the predicted x_0. Chosen on the evaluation images, so a
+diagnostic only: if a lambda restores contrast and PSNR together, a lambda fitted on other seeds is worth building.
+
+    python experiments/paper/contrast_drift.py eps_scale > experiments/results/contrast_by_eps_scale_cpu.txt
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from ptq4dm.utils.precision import denoiser
 
 STEPS, CALIB, SEED = 100, 256, 1234
 EVAL_SEEDS, FIT_SEEDS = range(0, 64), range(1000, 1032)
+EPS_SCALES = (1.002, 1.005, 1.01)  # eps_scale: the noise prediction divided by these at every step
 LATE = 200  # steps below this t are "late" (the noise error's late-step concentration, noise_error_cpu.txt)
 
 
@@ -93,7 +101,7 @@ def fit_correction(sampler, fp, q, x_noise):
     return k, bias
 
 
-MODES = ("correction", "steps", "ranges", "split")
+MODES = ("correction", "steps", "ranges", "split", "eps_scale")
 
 
 @dataclass
@@ -146,6 +154,12 @@ def main(mode: str = "correction") -> None:
         return
     qnet = setup.quantized()
     q = denoiser(qnet)
+    if mode == "eps_scale":
+        print(f"{header}; set-up {time.perf_counter() - t0:.0f} s")
+        variants = {"W8A8": q, **{f"W8A8, eps / {lam}": (lambda lam: lambda x, t: q(x, t) / lam)(lam)
+                                  for lam in EPS_SCALES}}
+        compare(sampler, fp, variants)
+        return
     acts = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." not in name]
     weights = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." in name]
 
