@@ -9,6 +9,7 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py timestep_groups > experiments/results/timestep_groups_proxy_cpu.txt
     python experiments/paper/noise_error.py act_stage > experiments/results/act_stage_proxy_cpu.txt
     python experiments/paper/noise_error.py balance_center > experiments/results/balance_center_proxy_cpu.txt
+    python experiments/paper/noise_error.py precision > experiments/results/simulation_precision_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
 channel-balance set, BALANCE_QUANTILE, or TIMESTEPS) to add one. The calibration seconds are wall time on
@@ -125,10 +126,26 @@ BALANCE_CENTER = {
                                                       "balance=smoothquant"],
     "w4a8 weight_metric=mse split smoothquant_centered a=0.5": [
         "bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant_centered"],
+    # does the W8A8 gain survive QDrop's reconstruction (few steps, as act_stage)?
+    f"w8a8 smoothquant a=0.5, qdrop {STEPS} steps": ["balance=smoothquant", "recon=qdrop",
+                                                     f"recon.method.iters={STEPS}"],
+    f"w8a8 smoothquant_centered a=0.5, qdrop {STEPS} steps": ["balance=smoothquant_centered", "recon=qdrop",
+                                                              f"recon.method.iters={STEPS}"],
+}
+
+# How much of the simulated error is the compute precision's: each variant's error against FP with both networks
+# in float32 and with both under bfloat16 autocast, as the GPU jobs sample (eval.precision=bf16). Calibrated in
+# float32 either way (the CPU's calibration precision).
+PRECISION = {
+    "w8a8 range search": [],
+    "w8a8 smoothquant": ["balance=smoothquant"],
+    "w4a8 weight_metric=mse split smoothquant": ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true",
+                                                "balance=smoothquant"],
 }
 
 
-def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 1000)), held_out_n: int = 40) -> None:
+def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 1000)), held_out_n: int = 40,
+         precisions=("fp32",)) -> None:
     torch.set_num_threads(2)
     print(f"# {' '.join(BASE)}; {held_out_n} held-out inputs; CPU: {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
@@ -149,18 +166,20 @@ def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 100
         if held_out is None:  # the same inputs for every variant, from another seed than calibration
             held_out = build_calibration_set(module.in_precision(module.fp_unet), sampler, Uniform(), Trajectory(),
                                              held_out_n, model.image_shape, seed=99, batch_size=40, progress=False)
-        with torch.no_grad():
-            ref = module.fp_unet(held_out.x, held_out.t).sample
-            out = module.unet(held_out.x, held_out.t).sample
-        err = (out - ref).pow(2).flatten(1).mean(1) / ref.pow(2).flatten(1).mean(1)
-        parts = [f"{err[(held_out.t >= lo) & (held_out.t < hi)].mean():.2e}" for lo, hi in windows]
-        print(f"| {name} | {err.mean():.2e} | {' | '.join(parts)} | {seconds:.0f} |", flush=True)
+        for precision in precisions:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                ref = module.fp_unet(held_out.x, held_out.t).sample.float()
+                out = module.unet(held_out.x, held_out.t).sample.float()
+            err = (out - ref).pow(2).flatten(1).mean(1) / ref.pow(2).flatten(1).mean(1)
+            parts = [f"{err[(held_out.t >= lo) & (held_out.t < hi)].mean():.2e}" for lo, hi in windows]
+            label = name if len(precisions) == 1 else f"{name}, both in {precision}"
+            print(f"| {label} | {err.mean():.2e} | {' | '.join(parts)} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
     sets = {"": VARIANTS, "balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS,
             "timestep_groups": TIMESTEP_GROUPS, "act_stage": ACT_STAGE,
-            "balance_center": BALANCE_CENTER}
+            "balance_center": BALANCE_CENTER, "precision": PRECISION}
     mode, only = (sys.argv[1] if sys.argv[1:] else ""), sys.argv[2:]  # e.g. "act_stage 4 5": those variants only
     if mode not in sets:
         sys.exit(f"mode {mode!r}: allowed are {sorted(m for m in sets if m)} or none (the default variants)")
@@ -171,5 +190,7 @@ if __name__ == "__main__":
     chosen = {k: v for i, (k, v) in enumerate(variants.items()) if not only or str(i) in only}
     if mode == "timestep_groups":
         main(chosen, windows=((0, 200), (200, 500), (500, 1000)), held_out_n=120)
+    elif mode == "precision":
+        main(chosen, held_out_n=80, precisions=("fp32", "bf16"))
     else:
         main(chosen)
