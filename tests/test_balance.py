@@ -152,20 +152,23 @@ def test_the_quantile_preset_composes_and_balances_a_network():
 
 
 def test_a_centred_balance_gives_offset_channels_the_whole_grid_and_keeps_the_function():
-    """Channels of one width at opposite offsets ([0, 4] and [-4, 0], as after a ReLU-like shift): balancing
-    alone cannot help (equal widths give equal factors), and the shared grid spans [-4, 4] with each channel on
-    one half; centred (Outlier Suppression+), every channel spans the whole grid, so the rounding error falls
-    about fourfold (half the step). The shift is added back after the quantizer, so with the quantizers off the
-    layer computes exactly as before, zero padding included (a 3x3 conv)."""
+    """Channels of one width at opposite offsets ([0, 4] and [-4, 0]): balancing alone cannot help (equal widths
+    give equal factors), and the shared grid spans [-4, 4] with each channel on one half; centred (Outlier
+    Suppression+), every channel spans the whole grid, so the activations' rounding error falls about fourfold
+    (half the step). One more channel is constant at 3: centred, its half-range is 0 and its factor tiny, so its
+    balanced weight column rounds to nothing, but only x - shift goes through the
+    quantizers and the shift's product uses the full-precision weight, so its contribution is kept. With the
+    quantizers off the layer computes exactly as before, zero padding included (a 3x3 conv)."""
     torch.manual_seed(0)
-    layer = nn.Conv2d(8, 4, 3, padding=1)
-    offsets = torch.tensor([2.0, -2.0] * 4).view(1, 8, 1, 1)
-    x = (torch.rand(64, 8, 6, 6) * 4 - 2) + offsets
+    layer = nn.Conv2d(9, 4, 3, padding=1)
+    offsets = torch.tensor([2.0, -2.0] * 4 + [0.0]).view(1, 9, 1, 1)
+    x = (torch.rand(64, 9, 6, 6) * 4 - 2) + offsets
+    x[:, 8] = 3.0
     w_absmax = layer.weight.detach().abs().amax(dim=(0, 2, 3))
     hi, lo = x.amax(dim=(0, 2, 3)), x.amin(dim=(0, 2, 3))
     errors = {}
     for center in (False, True):
-        q = QuantLayer(layer, None, QuantSpec(8))  # weights in full precision: the activations' error alone
+        q = QuantLayer(layer, QuantSpec(8, per_channel=True), QuantSpec(8))
         balance = ChannelBalance(0.5, center=center)
         if center:
             q.set_balance(balance.factors((hi - lo) / 2, w_absmax), (hi + lo) / 2)
@@ -174,14 +177,46 @@ def test_a_centred_balance_gives_offset_channels_the_whole_grid_and_keeps_the_fu
         shift = 0 if q.balance_shift is None else (q.balance_shift / q.balance).view(1, -1, 1, 1)
         seen = x / q.balance.view(1, -1, 1, 1) - shift  # what the input quantizer sees
         q.input_quantizers[0].set_range(seen.min(), seen.max())
+        w = q.weight_part(0).detach()
+        q.weight_quantizers[0].set_range(w.amin(dim=(1, 2, 3)), w.amax(dim=(1, 2, 3)))
         with torch.no_grad():
             errors[center] = (q(x) - layer(x)).pow(2).mean().item()
-            q.input_quantizers[0].enabled = False
+            q.input_quantizers[0].enabled = q.weight_quantizers[0].enabled = False
             torch.testing.assert_close(q(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert q.balance[8] < 1e-3  # the constant channel: (1e-8)^0.5 / max|W_:,8|^0.5
     assert errors[True] < errors[False] / 2, errors
 
 
-def test_centred_balance_shifts_survive_save_and_load(tmp_path):
+def test_a_centred_balance_keeps_the_network_function_with_shortcut_splits():
+    config = QuantConfig(weight_bits=8, act_bits=8, shortcut_split=True)
+    fp = tiny_unet()
+    qnet, _ = _quantize(ChannelBalance(alpha=0.5, center=True), config=config)
+    split = [m for m in qnet.modules() if isinstance(m, QuantLayer) and m.split and m.balance_shift is not None]
+    assert split
+    for q in quantizers(qnet).values():
+        q.enabled = False
+    for m in qnet.modules():
+        if isinstance(m, QuantLayer):
+            m.unfreeze_weight()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 400, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(qnet(x, t).sample, fp(x, t).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_centring_refuses_a_quantile_under_one_half_and_a_shift_without_factors():
+    with pytest.raises(ValueError, match=r"sample_quantile=0\.3 with center=true: allowed is 0\.5 to 1"):
+        ChannelBalance(center=True, sample_quantile=0.3)
+    layer = QuantLayer(nn.Linear(4, 2), None, QuantSpec(8))
+    with pytest.raises(ValueError, match="a balance shift needs balance factors"):
+        layer.set_balance(None, torch.zeros(4))
+
+
+def test_the_centred_preset_composes_and_its_shifts_survive_save_and_load(tmp_path):
+    from ptq4dm.experiment.recipe import recipe_from_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=["output_dir=x", "logger=none", "balance=smoothquant_centered"])
+    assert recipe_from_config(cfg).method.balance == ChannelBalance(alpha=0.5, center=True)
     qnet, _ = _quantize(ChannelBalance(alpha=0.5, center=True))
     shifted = {n for n, m in qnet.named_modules() if isinstance(m, QuantLayer) and m.balance_shift is not None}
     assert len(shifted) > 20

@@ -36,6 +36,11 @@ the two halves of each skip concat) restores contrast; the default search otherw
 
     python experiments/paper/contrast_drift.py split > experiments/results/contrast_by_split_cpu.txt
 
+``balance``: SmoothQuant's channel balance (alpha 0.5) with and without centring the channels first
+(``balance=smoothquant`` and ``balance=smoothquant_centered``), range search otherwise.
+
+    python experiments/paper/contrast_drift.py balance > experiments/results/contrast_by_balance_cpu.txt
+
 ``eps_scale``: whether the lost contrast is a matter of how much noise the sampler takes off (exposure bias): the
 quantized network's noise prediction divided by a constant lambda slightly above 1 at every step (epsilon
 scaling, Ning et al. 2024) leaves more of x_t in the predicted x_0. Chosen on the evaluation images, so a
@@ -56,8 +61,8 @@ from typing import Callable
 import torch
 
 import ptq4dm
-from ptq4dm.calibration import (CalibrationRecipe, CalibrationSet, Gaussian, MinMax, Percentile, RangeSearch,
-                                Trajectory)
+from ptq4dm.calibration import (CalibrationRecipe, CalibrationSet, ChannelBalance, Gaussian, MinMax, Percentile,
+                                RangeSearch, Trajectory)
 from ptq4dm.diffusion.sampler import to_uint8
 from ptq4dm.engine import PTQMethod, calibrate_network
 from ptq4dm.models import load_diffusion_model
@@ -101,7 +106,7 @@ def fit_correction(sampler, fp, q, x_noise):
     return k, bias
 
 
-MODES = ("correction", "steps", "ranges", "split", "eps_scale")
+MODES = ("correction", "steps", "ranges", "split", "eps_scale", "balance")
 
 
 @dataclass
@@ -124,9 +129,11 @@ class Setup:
             fp, sampler, (3, 32, 32), "cpu", progress=False)
         return cls(unet, sampler, fp, calib)
 
-    def quantized(self, search: RangeSearch | None = None, **quant) -> torch.nn.Module:
+    def quantized(self, search: RangeSearch | None = None, balance: ChannelBalance | None = None,
+                  **quant) -> torch.nn.Module:
         """A W8A8 copy calibrated as ``ops=ptq4dm`` (``quant``: QuantConfig fields to change), no reconstruction."""
-        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8, **quant), search or RangeSearch(), None, None)
+        method = PTQMethod(ptq4dm.QuantConfig(weight_bits=8, act_bits=8, **quant), search or RangeSearch(), None,
+                           balance)
         return calibrate_network(copy.deepcopy(self.unet), self.unet, self.calib, method, denoiser, 64).network
 
 
@@ -137,7 +144,8 @@ def main(mode: str = "correction") -> None:
     t0 = time.perf_counter()
     setup = Setup.build()
     sampler, fp = setup.sampler, setup.fp
-    ranges = "weights: the default search; activations as named" if mode in ("ranges", "split") else "range search"
+    ranges = "weights: the default search; activations as named" if mode in ("ranges", "split", "balance") \
+        else "range search"
     header = (f"# small_cifar10 W8A8 ({ranges}, NDTC {CALIB} samples, seed {SEED}), DDIM {STEPS}, fp32, "
               f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); "
               f"CPU {platform.machine()}, torch {torch.__version__}")
@@ -148,7 +156,10 @@ def main(mode: str = "correction") -> None:
                         denoiser(setup.quantized(RangeSearch(metric=Percentile(99.99))))}
     if mode == "split":
         variants = {"shortcut split (ops.shortcut_split=true)": denoiser(setup.quantized(shortcut_split=True))}
-    if mode in ("ranges", "split"):
+    if mode == "balance":
+        variants = {"balance=smoothquant": denoiser(setup.quantized(balance=ChannelBalance(0.5))),
+                    "balance=smoothquant_centered": denoiser(setup.quantized(balance=ChannelBalance(0.5, center=True)))}
+    if mode in ("ranges", "split", "balance"):
         print(f"{header}; set-up {time.perf_counter() - t0:.0f} s")
         compare(sampler, fp, variants)
         return

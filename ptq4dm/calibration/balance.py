@@ -45,7 +45,8 @@ class ChannelBalance:
     so that an all-but-dead channel does not blow its weights up. ``sample_quantile`` in (0, 1]: which quantile
     over calibration samples of each sample's channel maximum stands for max|x_j| (1: the maximum, SmoothQuant).
     ``center``: shift each channel's midpoint to zero first (Outlier Suppression+); the statistic is then the
-    half-range."""
+    half-range. With a ``sample_quantile`` the two ends are quantiles of each sample's maximum and minimum, which
+    below 0.5 could cross, so centring takes a quantile of 0.5 or more."""
 
     alpha: float = 0.5
     max_factor: float = 1e4
@@ -59,17 +60,22 @@ class ChannelBalance:
             raise ValueError(f"max_factor={self.max_factor!r}: allowed is 1 or more")
         if not 0 < self.sample_quantile <= 1:
             raise ValueError(f"sample_quantile={self.sample_quantile!r}: allowed is a number above 0, at most 1")
+        if self.center and self.sample_quantile < 0.5:
+            raise ValueError(f"sample_quantile={self.sample_quantile!r} with center=true: allowed is 0.5 to 1 "
+                             "(lower, a channel's upper end could fall below its lower end)")
 
-    def channel_extremes(self, per_sample_absmax: torch.Tensor) -> torch.Tensor:
-        """max|x_j| from each calibration sample's channel maxima, shape (samples, channels)."""
+    def channel_extremes(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Per column, the statistic over calibration samples of each sample's maximum, from a (samples, columns)
+        table: max|x_j| per channel, or (centred) max x_j and max -x_j side by side."""
         if self.sample_quantile == 1:
-            return per_sample_absmax.amax(dim=0)
-        return torch.quantile(per_sample_absmax, self.sample_quantile, dim=0)
+            return per_sample.amax(dim=0)
+        return torch.quantile(per_sample, self.sample_quantile, dim=0)
 
-    def factors(self, act_absmax: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
-        """One factor per input channel from the channels' activation and weight extremes."""
+    def factors(self, act_extent: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
+        """One factor per input channel from the channels' activation extent (max|x_j|, or the half-range when
+        centred) and weight extremes."""
         eps = 1e-8
-        s = act_absmax.clamp_min(eps).pow(self.alpha) / weight_absmax.clamp_min(eps).pow(1 - self.alpha)
+        s = act_extent.clamp_min(eps).pow(self.alpha) / weight_absmax.clamp_min(eps).pow(1 - self.alpha)
         return s.clamp(1 / self.max_factor, self.max_factor)
 
 
@@ -96,11 +102,11 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
             x = inputs[0].detach()
             dim = channel_dim(module.layer, x)
             # each sample's channel maxima (dim 0 is the batch in both conv and token layouts); centred: the
-            # maxima of x and of -x side by side, (samples, 2 * channels)
+            # maxima of x and of -x side by side, (samples, 2 * channels). amax over no dims would reduce all.
             rest = [d for d in range(x.ndim) if d not in (0, dim)]
             sides = (x, -x) if balance.center else (x.abs(),)
-            m = torch.cat([(v.amax(dim=rest) if rest else v).float() for v in sides], dim=-1)  # amax over no
-            m = m if dim != 0 else m.unsqueeze(0)                                           # dims reduces all
+            m = torch.cat([(v.amax(dim=rest) if rest else v).float() for v in sides], dim=-1)
+            m = m if dim != 0 else m.unsqueeze(0)
             seen = per_sample.setdefault(name, [])
             if balance.sample_quantile == 1 and seen:  # the maximum needs no per-sample history: keep one row
                 seen[0] = torch.maximum(seen[0], m.amax(dim=0, keepdim=True))
@@ -123,15 +129,14 @@ def balance_(network: nn.Module, forward, calibration: CalibrationSet, balance: 
     for name, layer in layers.items():
         if name not in per_sample:  # never called: nothing to balance
             continue
-        extremes = balance.channel_extremes(torch.cat(per_sample.pop(name)))
-        shift = None
+        extent, shift = balance.channel_extremes(torch.cat(per_sample.pop(name))), None
         if balance.center:
-            hi, neg_lo = extremes.chunk(2)
-            shift, extremes = (hi - neg_lo) / 2, (hi + neg_lo) / 2  # midpoint, half-range
+            hi, neg_lo = extent.chunk(2)
+            shift, extent = (hi - neg_lo) / 2, (hi + neg_lo) / 2  # midpoint, half-range
         w = layer.layer.weight.detach().float()
         axis = input_axis(layer.layer)
         w_absmax = w.abs().amax(dim=[d for d in range(w.ndim) if d != axis])
-        chosen[name] = balance.factors(extremes, w_absmax)
+        chosen[name] = balance.factors(extent, w_absmax)
         layer.set_balance(chosen[name], shift)
     return chosen
 

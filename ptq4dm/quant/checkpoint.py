@@ -154,10 +154,11 @@ def _restore(path: Path, meta: dict, tensors: dict, model: nn.Module, extra: nn.
     required = {k for k in expected if k.rsplit(".", 1)[1] not in _OPTIONAL}
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     unknown = sorted(k for k in balance if k.removeprefix("balance.") not in layers)
-    unknown += sorted(f"balance_shift.{k}" for k in shifts if f"balance.{k}" not in balance)
     if unknown:
-        raise ValueError(f"{path} does not fit this network: balance factors or shifts for layers it lacks "
-                         f"(or without factors) {unknown[:5]}")
+        raise ValueError(f"{path} does not fit this network: balance factors for layers it lacks {unknown[:5]}")
+    orphans = sorted(f"balance_shift.{k}" for k in shifts if f"balance.{k}" not in balance)
+    if orphans:
+        raise ValueError(f"{path} is inconsistent: balance shifts without balance factors {orphans[:5]}")
     for key, factors in balance.items():
         name = key.removeprefix("balance.")
         layers[name].set_balance(factors, shifts.get(name))

@@ -11,7 +11,8 @@ per input channel before its quantizer and the weight multiplied by the same fac
 before its quantizer: the product is unchanged in full precision, and an integer kernel computes the same (the
 factor is part of the activation's quantize step and is folded into the stored weight). A balance may also
 shift each input channel (``shift``, Outlier Suppression+): the quantizer sees the balanced input minus
-shift / factor, and the shift is added back after it, so the layer still computes on the input itself.
+shift / factor, and the shift's product with the full-precision weight is added to the output, so the layer
+still computes on the input itself (an integer kernel adds it as a constant map, folded into the bias).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class QuantLayer(nn.Module):
         self.layer, self.weight_spec, self.activation_spec, self.act_on = layer, weight, activation, act_on
         self.register_buffer("_frozen_weight", None, persistent=False)  # moves with .to(); not saved
         self.register_buffer("balance", None, persistent=False)  # per input channel (set_balance); saved by checkpoint
-        self.register_buffer("balance_shift", None, persistent=False)  # per input channel, or None; the same
+        self.register_buffer("balance_shift", None, persistent=False)  # z_j in input units; saved like balance
         self.output_quantizers = nn.ModuleList(
             [Quantizer(activation, axis=1).to(layer.weight.device)] if activation and act_on == "output" else [])
         self.set_split(split)
@@ -85,15 +86,17 @@ class QuantLayer(nn.Module):
 
     def set_balance(self, factors: torch.Tensor | None, shift: torch.Tensor | None = None) -> None:
         """Divide the input by ``factors`` (one per input channel) and multiply the weight by them (None: off);
-        ``shift`` (one per input channel, in the input's units) is taken off before the input quantizers and
-        added back after them."""
+        ``shift`` (one per input channel, in the input's units) is taken off before the input quantizers, and
+        its product with the full-precision weight added to the output."""
         channels = self.layer.weight.shape[input_axis(self.layer)]
         for what, v in (("factors", factors), ("shift", shift)):
             if v is not None and v.shape != (channels,):
                 raise ValueError(f"balance {what} of shape {tuple(v.shape)} for {channels} input channels")
         if shift is not None and factors is None:
             raise ValueError("a balance shift needs balance factors (1 for none)")
-        as_buffer = lambda v: None if v is None else v.detach().float().to(self.layer.weight.device)  # noqa: E731
+        def as_buffer(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v.detach().float().to(self.layer.weight.device)
+
         self.balance, self.balance_shift = as_buffer(factors), as_buffer(shift)
         self._frozen_weight = None
 
@@ -137,29 +140,40 @@ class QuantLayer(nn.Module):
         return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        shift = None
-        if self.balance is not None:
-            shape = [1] * x.ndim
-            shape[channel_dim(self.layer, x)] = -1
-            x = x.float() / self.balance.view(shape)  # in fp32: a bf16 quotient would be off by up to a level
-            if self.balance_shift is not None and self.input_quantizers:
-                shift = (self.balance_shift / self.balance).view(shape)
-        x = self._by_part(self.input_quantizers, x) if shift is None else \
-            self._by_part(self.input_quantizers, x - shift) + shift
-        y = self._compute(x, output_size)
+        if self.balance is None:
+            return self._finish(self._compute(self._by_part(self.input_quantizers, x), output_size))
+        shape = [1] * x.ndim
+        shape[channel_dim(self.layer, x)] = -1
+        x = x.float() / self.balance.view(shape)  # in fp32: a bf16 quotient would be off by up to a level
+        if self.balance_shift is None or not self.input_quantizers:
+            return self._finish(self._compute(self._by_part(self.input_quantizers, x), output_size))
+        # Centred channels: the quantized product covers x - shift, and the shift's own product is computed with
+        # the full-precision weight (an integer kernel folds it into the bias as a constant map), so that a narrow
+        # channel far from zero, whose weight column the balance shrinks, keeps its offset off the weight grid.
+        shift = self.balance_shift.view(shape)
+        y = self._compute(self._by_part(self.input_quantizers, x - shift / self.balance.view(shape)), output_size)
+        return self._finish(y + self._shift_product(shift.expand(1, *x.shape[1:]), output_size))
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
         return self.output_quantizers[0](y) if self.output_quantizers else y
 
     def _compute(self, x: torch.Tensor, output_size) -> torch.Tensor:
-        w = self.quantized_weight().to(x.dtype)
+        return self._apply(x, self.quantized_weight().to(x.dtype), self.layer.bias, output_size)
+
+    def _shift_product(self, shift: torch.Tensor, output_size) -> torch.Tensor:
+        """The layer without bias on a one-sample input holding each channel's shift (zero padding as for x)."""
+        return self._apply(shift, self.layer.weight.to(shift.dtype), None, output_size)
+
+    def _apply(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, output_size) -> torch.Tensor:
         layer = self.layer
         if isinstance(layer, nn.ConvTranspose2d):
             padding = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, 2,
                                             layer.dilation)
-            return F.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding, padding, layer.groups,
+            return F.conv_transpose2d(x, w, bias, layer.stride, layer.padding, padding, layer.groups,
                                       layer.dilation)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            return layer._conv_forward(x, w, layer.bias)
-        return F.linear(x, w, layer.bias)
+            return layer._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
         return f"split={self.split}" if self.split else ""
