@@ -144,12 +144,13 @@ def main(mode: str = "correction") -> None:
     t0 = time.perf_counter()
     setup = Setup.build()
     sampler, fp = setup.sampler, setup.fp
-    ranges = "weights: the default search; activations as named" if mode in ("ranges", "split", "balance") \
-        else "range search"
+    named = "weights: the default search; activations as named"
+    ranges = {"ranges": named, "split": named, "balance": "range search; channel balance as named"}.get(
+        mode, "range search")
     header = (f"# small_cifar10 W8A8 ({ranges}, NDTC {CALIB} samples, seed {SEED}), DDIM {STEPS}, fp32, "
               f"{len(EVAL_SEEDS)} images (seeds {EVAL_SEEDS.start}..{EVAL_SEEDS.stop - 1}); "
               f"CPU {platform.machine()}, torch {torch.__version__}")
-    # The default search's row for ranges and split is contrast_drift_cpu.txt's "quantized (W8A8)".
+    # The default search's row for ranges, split and balance is contrast_drift_cpu.txt's "quantized (W8A8)".
     if mode == "ranges":
         variants = {"activations at the observed min/max": denoiser(setup.quantized(RangeSearch(metric=MinMax()))),
                     "activations at the 99.99th percentiles":
