@@ -21,9 +21,12 @@ still sees every value.
 ``center`` (Outlier Suppression+, Wei et al. 2023, eq. 5-6: channel-wise shifting) also moves each channel's
 midpoint z_j = (max x_j + min x_j) / 2 to zero before the grid, and takes the half-range (max - min) / 2 for
 max|x_j|. A SiLU output spans [-0.28, M_j]: balanced without a shift, a narrow channel's -0.28 / s_j sets the
-shared grid's lower end for every channel; centered, every channel uses the grid's both halves. The shift is
-exact (z_j / s_j is added back after the quantizer, so zero padding still pads zeros): an integer kernel adds the
-weight times the shift as a constant map, computed once per input size.
+shared grid's lower end for every channel; centred, every channel uses both halves of the grid. Only x - z goes
+through the input quantizer and z_j / s_j is added back before the product, so the function is unchanged (zero
+padding included) and the quantized weight multiplies the input itself; an integer kernel adds the quantized
+weight times the shift as a constant map, folded into the bias. A channel that is all but constant gets a
+half-range near 0 and so the smallest factor: its balanced weight column may then round away on the weight grid,
+as for any channel SmoothQuant shrinks that far.
 """
 
 from __future__ import annotations

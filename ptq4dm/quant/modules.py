@@ -11,8 +11,8 @@ per input channel before its quantizer and the weight multiplied by the same fac
 before its quantizer: the product is unchanged in full precision, and an integer kernel computes the same (the
 factor is part of the activation's quantize step and is folded into the stored weight). A balance may also
 shift each input channel (``shift``, Outlier Suppression+): the quantizer sees the balanced input minus
-shift / factor, and the shift's product with the full-precision weight is added to the output, so the layer
-still computes on the input itself (an integer kernel adds it as a constant map, folded into the bias).
+shift / factor, and shift / factor is added back after it, so the layer still computes on the input itself (an
+integer kernel adds the quantized weight times the shift as a constant map, folded into the bias).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class QuantLayer(nn.Module):
 
     def set_balance(self, factors: torch.Tensor | None, shift: torch.Tensor | None = None) -> None:
         """Divide the input by ``factors`` (one per input channel) and multiply the weight by them (None: off);
-        ``shift`` (one per input channel, in the input's units) is taken off before the input quantizers, and
-        its product with the full-precision weight added to the output."""
+        ``shift`` (one per input channel, in the input's units) is taken off before the input quantizers and
+        added back after them."""
         channels = self.layer.weight.shape[input_axis(self.layer)]
         for what, v in (("factors", factors), ("shift", shift)):
             if v is not None and v.shape != (channels,):
@@ -140,29 +140,21 @@ class QuantLayer(nn.Module):
         return torch.cat([quantizers[0](t[:, : self.split]), quantizers[1](t[:, self.split:])], dim=1)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        if self.balance is None:
-            return self._finish(self._compute(self._by_part(self.input_quantizers, x), output_size))
-        shape = [1] * x.ndim
-        shape[channel_dim(self.layer, x)] = -1
-        x = x.float() / self.balance.view(shape)  # in fp32: a bf16 quotient would be off by up to a level
-        if self.balance_shift is None or not self.input_quantizers:
-            return self._finish(self._compute(self._by_part(self.input_quantizers, x), output_size))
-        # Centred channels: the quantized product covers x - shift, and the shift's own product is computed with
-        # the full-precision weight (an integer kernel folds it into the bias as a constant map), so that a narrow
-        # channel far from zero, whose weight column the balance shrinks, keeps its offset off the weight grid.
-        shift = self.balance_shift.view(shape)
-        y = self._compute(self._by_part(self.input_quantizers, x - shift / self.balance.view(shape)), output_size)
-        return self._finish(y + self._shift_product(shift.expand(1, *x.shape[1:]), output_size))
-
-    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        shift = None
+        if self.balance is not None:
+            shape = [1] * x.ndim
+            shape[channel_dim(self.layer, x)] = -1
+            x = x.float() / self.balance.view(shape)  # in fp32: a bf16 quotient would be off by up to a level
+            if self.balance_shift is not None and self.input_quantizers:
+                shift = (self.balance_shift / self.balance).view(shape)
+        # Centred channels: only x - shift goes through the input quantizer, and the shift is added back before
+        # the product, so the quantized weight multiplies the input itself. Its rounding error scales with what
+        # it multiplies, and a skewed channel's midpoint (a SiLU output's) is far from where its values sit: with
+        # the shift's product taken apart in full precision instead, the layers' output error was ten times this.
+        x = self._by_part(self.input_quantizers, x) if shift is None else \
+            self._by_part(self.input_quantizers, x - shift) + shift
+        y = self._apply(x, self.quantized_weight().to(x.dtype), self.layer.bias, output_size)
         return self.output_quantizers[0](y) if self.output_quantizers else y
-
-    def _compute(self, x: torch.Tensor, output_size) -> torch.Tensor:
-        return self._apply(x, self.quantized_weight().to(x.dtype), self.layer.bias, output_size)
-
-    def _shift_product(self, shift: torch.Tensor, output_size) -> torch.Tensor:
-        """The layer without bias on a one-sample input holding each channel's shift (zero padding as for x)."""
-        return self._apply(shift, self.layer.weight.to(shift.dtype), None, output_size)
 
     def _apply(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, output_size) -> torch.Tensor:
         layer = self.layer
