@@ -94,6 +94,7 @@ class QuantLayer(nn.Module):
                 raise ValueError(f"balance {what} of shape {tuple(v.shape)} for {channels} input channels")
         if shift is not None and factors is None:
             raise ValueError("a balance shift needs balance factors (1 for none)")
+
         def as_buffer(v: torch.Tensor | None) -> torch.Tensor | None:
             return None if v is None else v.detach().float().to(self.layer.weight.device)
 
@@ -153,19 +154,20 @@ class QuantLayer(nn.Module):
         # the shift's product taken apart in full precision instead, the layers' output error was ten times this.
         x = self._by_part(self.input_quantizers, x) if shift is None else \
             self._by_part(self.input_quantizers, x - shift) + shift
-        y = self._apply(x, self.quantized_weight().to(x.dtype), self.layer.bias, output_size)
+        y = self._compute(x, output_size)
         return self.output_quantizers[0](y) if self.output_quantizers else y
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, output_size) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, output_size) -> torch.Tensor:
+        w = self.quantized_weight().to(x.dtype)
         layer = self.layer
         if isinstance(layer, nn.ConvTranspose2d):
             padding = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, 2,
                                             layer.dilation)
-            return F.conv_transpose2d(x, w, bias, layer.stride, layer.padding, padding, layer.groups,
+            return F.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding, padding, layer.groups,
                                       layer.dilation)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            return layer._conv_forward(x, w, bias)
-        return F.linear(x, w, bias)
+            return layer._conv_forward(x, w, layer.bias)
+        return F.linear(x, w, layer.bias)
 
     def extra_repr(self) -> str:
         return f"split={self.split}" if self.split else ""
