@@ -168,8 +168,10 @@ def main(mode: str = "correction") -> None:
     q = denoiser(qnet)
     if mode == "eps_scale":
         print(f"{header}; set-up {time.perf_counter() - t0:.0f} s")
-        variants = {"W8A8": q, **{f"W8A8, eps / {lam}": (lambda lam: lambda x, t: q(x, t) / lam)(lam)
-                                  for lam in EPS_SCALES}}
+        def scaled(lam: float) -> Callable:
+            return lambda x, t: q(x, t) / lam
+
+        variants = {"W8A8": q, **{f"W8A8, eps / {lam}": scaled(lam) for lam in EPS_SCALES}}
         compare(sampler, fp, variants)
         return
     acts = [qz for name, qz in quantizers(qnet).items() if ".weight_quantizers." not in name]

@@ -11,8 +11,9 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py balance_center > experiments/results/balance_center_proxy_cpu.txt
     python experiments/paper/noise_error.py precision > experiments/results/simulation_precision_cpu.txt
 
-Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or BALANCE, the
-channel-balance set, BALANCE_QUANTILE, or TIMESTEPS) to add one. The calibration seconds are wall time on
+Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or the set of
+another mode: BALANCE, BALANCE_QUANTILE, TIMESTEPS, TIMESTEP_GROUPS, ACT_STAGE, BALANCE_CENTER, PRECISION) to add
+one. The calibration seconds are wall time on
 whatever else the machine was doing.
 """
 

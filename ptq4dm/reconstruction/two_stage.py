@@ -15,7 +15,6 @@ min/max observed with the upstream network quantized (sample_diffusion_ddim.py:2
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 
 from ptq4dm.reconstruction.methods import Reconstruction, ReconstructionContext, UnitReconstruction, UnitReport
@@ -59,18 +58,10 @@ def _stage(name: str, settings: dict, fixed: dict, seed: int, held_out: int) -> 
     if "held_out" in settings:
         raise ValueError(f"recon.method.{name}.held_out: allowed is recon.method.held_out, for both stages")
     try:
-        with _stage_keys(name):
-            return UnitReconstruction(**{"seed": seed, **settings, **fixed, "held_out": held_out})
+        return UnitReconstruction(**{"seed": seed, **settings, **fixed, "held_out": held_out})
     except TypeError as err:  # a key UnitReconstruction does not have
         raise ValueError(f"recon.method.{name}: {err}") from err
-
-
-@contextmanager
-def _stage_keys(name: str):
-    """A stage's errors name its own keys: recon.method.activations.iters, not recon.method.iters."""
-    try:
-        yield
-    except ValueError as err:
+    except ValueError as err:  # name the stage's key: recon.method.activations.iters, not recon.method.iters
         raise ValueError(str(err).replace("recon.method.", f"recon.method.{name}.")) from err
 
 
