@@ -45,6 +45,7 @@ from ptq4dm.experiment.summary import record_job
 from ptq4dm.metrics import make_extractor
 from ptq4dm.metrics.reference import load_statistics, reference_fingerprint, save_statistics, statistics_digest
 from ptq4dm.metrics.scoring import (
+    fid_over_fp,
     image_statistics,
     inception_scores,
     metrics_device,
@@ -67,7 +68,8 @@ from ptq4dm.utils.table import markdown_table
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ["model", "fid", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp", "psnr_vs_fp"]
+HEADLINE = ["model", "fid", "fid_over_fp", "fid_over_fp_se", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp",
+            "psnr_vs_fp"]
 
 
 @contextmanager
@@ -282,6 +284,7 @@ def config_digest(cfg: DictConfig) -> str:
     method = (keep.get("recon") or {}).get("method") or {}
     if method.get("held_out") == 0:  # added later; 0 computes what jobs before it computed
         method.pop("held_out")
+    keep["metrics"].pop("fid_bootstrap", None)  # added later; it adds a standard error, the scores are the same
     if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
         keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
@@ -357,6 +360,8 @@ def run(cfg: DictConfig) -> dict:
         q_scores = {**score(q_stats, reference, cfg), **inception_scores(q_images, cfg, device),
                     **score(q_stats, fp_stats, cfg, suffix="_vs_fp"), **pixel_errors(q_images, fp_images),
                     "sampling_seconds": q_seconds}
+        q_scores.update(fid_over_fp(q_stats, fp_stats, reference, q_scores["fid"], fp_scores["fid"],
+                                    cfg.metrics.fid_bootstrap, device, cfg.seed))
 
     results = {
         "status": "ok",

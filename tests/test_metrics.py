@@ -108,3 +108,52 @@ def test_wrong_network_file_is_refused(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="sha1"):
         check_network_file(tmp_path / "bad.pt")
+
+
+def test_fid_bootstrap_spread_matches_fresh_draws():
+    """The paired bootstrap's standard error of FID(b) - FID(a), from one draw of paired features, against the
+    standard deviation of that difference over 200 fresh draws (b a systematic change of a plus noise, as a
+    quantized image is of its FP one). The standard deviation over 200 draws is itself known to about 5% and one
+    bootstrap's (150 replicates) to about 6%: 0.75 to 1.33 is several of both."""
+    from ptq4dm.metrics.bootstrap import _frechet, _sqrt_psd, paired_fid_difference
+
+    d, n = 32, 600
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.3
+    change = torch.eye(d, dtype=torch.float64) * 0.97 + 0.02 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    ref = {"mu": np.zeros(d), "sigma": (mix @ mix.T + 0.5 * torch.eye(d, dtype=torch.float64)).numpy()}
+    mu, sigma = torch.as_tensor(ref["mu"]), torch.as_tensor(ref["sigma"])
+    root = _sqrt_psd(sigma)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(n, d, generator=g, dtype=torch.float64) @ (1.05 * mix.T) + 0.05
+        return a, a @ change + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+    diffs = [float(_frechet(b, mu, sigma, root) - _frechet(a, mu, sigma, root)) for a, b in map(draw, range(200))]
+    a, b = draw(1000)
+    spread = paired_fid_difference(b, a, ref, replicates=150, seed=0)
+    assert spread["replicates"] == 150
+    assert 0.75 < spread["se"] / np.std(diffs, ddof=1) < 1.33
+
+
+def test_fid_bootstrap_point_formula_and_refusals():
+    """Each replicate's FID is torch-fidelity's formula (here with no resampling: the identity's value), on both
+    paths (fewer images than dimensions, and more); unpaired sets and a single replicate are refused."""
+    from ptq4dm.metrics.bootstrap import _frechet, _sqrt_psd, paired_fid_difference
+    from ptq4dm.metrics.fidelity import frechet_distance
+
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(400, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g,
+                                                                                 dtype=torch.float64)
+    ref_stats = ImageStatistics.from_features("ref", SMALL, {"2048": ref})
+    s = ref_stats.stats["2048"]
+    mu, sigma = torch.as_tensor(s["mu"]), torch.as_tensor(s["sigma"])
+    for n in (10, 100):
+        x = torch.randn(n, 16, generator=g, dtype=torch.float64) + 0.2
+        expected = frechet_distance(ref_stats, ImageStatistics.from_features("x", SMALL, {"2048": x}), "2048")
+        assert float(_frechet(x, mu, sigma, _sqrt_psd(sigma))) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_fid_difference(torch.zeros(5, 16), torch.zeros(6, 16), s, 10)
+    with pytest.raises(ValueError, match="2 or more"):
+        paired_fid_difference(torch.zeros(5, 16), torch.zeros(5, 16), s, 1)

@@ -30,6 +30,8 @@ def test_two_by_two_multirun(tmp_path, monkeypatch, capsys):
         ("gaussian_ts", "mse"), ("gaussian_ts", "kl"), ("uniform_ts", "mse"), ("uniform_ts", "kl")}
     for r in results:
         assert r["quantized"]["fid"] > 0 and r["quantized"]["psnr_vs_fp"] > 10
+        q = r["quantized"]  # FID over FP, and its spread over the evaluation images (metrics.fid_bootstrap)
+        assert q["fid_over_fp"] == pytest.approx(q["fid"] - r["fp"]["fid"]) and q["fid_over_fp_se"] > 0
         assert r["fp"] == results[0]["fp"]  # one FP sample set, shared by the sweep
         stages = {k: v for k, v in r["timings"].items() if k.startswith("stage_seconds_")}
         assert set(stages) == {f"stage_seconds_{s}" for s in STAGES}
@@ -141,3 +143,19 @@ def test_ops_decoder_off_keeps_the_digest_of_jobs_made_before_the_key():
     before = OmegaConf.create(OmegaConf.to_container(off))  # untyped: the key can go, as in configs before it
     del before.ops["decoder"]
     assert config_digest(off) == config_digest(before) != config_digest(on)
+
+
+def test_fid_bootstrap_leaves_the_digest_of_jobs_made_before_the_key():
+    """metrics.fid_bootstrap adds a standard error and changes no score: jobs finished before the key existed,
+    and jobs with another replicate count, are the same job."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ptq4dm.run import config_digest
+    from ptq4dm.utils.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        default, other = (compose("run", overrides=[f"metrics.fid_bootstrap={v}", "output_dir=x"]) for v in (100, 0))
+    before = OmegaConf.create(OmegaConf.to_container(default))
+    del before.metrics["fid_bootstrap"]
+    assert config_digest(default) == config_digest(before) == config_digest(other)

@@ -305,6 +305,7 @@ NOT_LOADED = {  # override -> what the message must say (key, value, what is all
     "calib.timesteps.mean=1.5": r"calib\.timesteps\.mean=1\.5",
     "metric.num_candidates=0": r"metric\.num_candidates=0",
     "ops=table1_variance": r"sampler\.eta",
+    "metrics.fid_bootstrap=1": r"metrics\.fid_bootstrap=1: allowed is 0 \(off\) or a whole number of 2 or more",
 }
 AT_COMPOSITION = {  # refused by the structured config (schema.py) when Hydra composes, naming the key
     "seed=x": "seed", "eval.precision=fp8": "eval.precision", "ops.conv=maybe": "ops.conv",

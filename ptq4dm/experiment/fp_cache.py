@@ -77,5 +77,6 @@ def extractor_key(extractor, metrics: DictConfig) -> str:
 
 def scores_key(extractor: str, reference_digest: str | None, metrics: DictConfig) -> str:
     """Scores depend on the features, the reference statistics themselves, and the metric settings."""
-    return _key({"features": extractor, "reference": reference_digest,
-                 "metrics": OmegaConf.to_container(metrics, resolve=True)})
+    settings = OmegaConf.to_container(metrics, resolve=True)
+    settings.pop("fid_bootstrap", None)  # the FP scores do not depend on it (it is about the quantized ones)
+    return _key({"features": extractor, "reference": reference_digest, "metrics": settings})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SCORES = ("fid", "sfid", "kid", "precision", "recall", "fid_vs_fp", "psnr_vs_fp")
+SCORES = ("fid", "sfid", "kid", "precision", "recall", "fid_vs_fp", "psnr_vs_fp", "fid_over_fp", "fid_over_fp_se")
 
 
 def load_jobs(folder: str | Path) -> list[dict]:

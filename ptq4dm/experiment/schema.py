@@ -67,10 +67,14 @@ class MetricsConfig:
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     isc_weights_path: Optional[str] = None
+    fid_bootstrap: int = 100  # replicates of the paired bootstrap of FID over FP (its standard error); 0: off
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self):
         _at_least("metrics.batch_size", self.batch_size, 1)
+        if self.fid_bootstrap == 1 or self.fid_bootstrap < 0:
+            raise ValueError(f"metrics.fid_bootstrap={self.fid_bootstrap!r}: allowed is 0 (off) or a whole number "
+                             "of 2 or more (bootstrap replicates)")
         _at_least("metrics.kid_subset_size", self.kid_subset_size, 2)
         _at_least("metrics.kid_subsets", self.kid_subsets, 1)
 

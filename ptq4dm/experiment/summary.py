@@ -29,7 +29,8 @@ from ptq4dm.utils.table import markdown_table
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "sfid", "kid", "precision", "recall", "fid_vs_fp", "psnr_vs_fp", "calibration_seconds")
+METRICS = ("fid", "fid_over_fp", "fid_over_fp_se", "sfid", "kid", "precision", "recall", "fid_vs_fp", "psnr_vs_fp",
+           "calibration_seconds")
 SWEEP_FILE, RECORDS_DIR = ".ptq4dm_sweep.json", ".ptq4dm_jobs"
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from ptq4dm.metrics.bootstrap import paired_fid_difference
 from ptq4dm.metrics.fidelity import (
+    FID_LAYER,
     ImageStatistics,
     compute_metrics,
     extract_features,
@@ -43,6 +45,21 @@ def score(generated: ImageStatistics, reference: ImageStatistics | None, cfg: Di
         return {f"{k}{suffix}": None for k in ("fid", "sfid", "kid", "kid_std", "precision", "recall")}
     scores = compute_metrics(generated, reference, cfg.metrics.kid_subset_size, cfg.metrics.kid_subsets)
     return {f"{k}{suffix}": v for k, v in scores.items()}
+
+
+def fid_over_fp(q_stats: ImageStatistics, fp_stats: ImageStatistics, reference: ImageStatistics | None,
+                q_fid: float | None, fp_fid: float | None, replicates: int, device, seed: int = 0) -> dict:
+    """FID over FP (quantized minus full precision, both against the data set) and, with ``replicates`` > 0, its
+    standard error over draws of the evaluation noise (metrics/bootstrap.py); None where not computable (no data
+    set, or FP statistics cached without features)."""
+    out = {"fid_over_fp": None if q_fid is None or fp_fid is None else q_fid - fp_fid, "fid_over_fp_se": None}
+    q, fp = q_stats.features.get(FID_LAYER), fp_stats.features.get(FID_LAYER)
+    if replicates and out["fid_over_fp"] is not None and q is not None and fp is not None and len(q) == len(fp):
+        # the FP features are cached in float16: the quantized ones rounded the same way, so both sets match
+        spread = paired_fid_difference(q.half().float().to(device), fp.float().to(device),
+                                       reference.stats[FID_LAYER], replicates, seed)
+        out["fid_over_fp_se"] = spread["se"]
+    return out
 
 
 def inception_scores(images: torch.Tensor, cfg: DictConfig, device) -> dict:
