@@ -47,11 +47,20 @@ scaling, Ning et al. 2024) leaves more of x_t in the predicted x_0. Chosen on th
 diagnostic only: if a lambda restores contrast and PSNR together, a lambda fitted on other seeds is worth building.
 
     python experiments/paper/contrast_drift.py eps_scale > experiments/results/contrast_by_eps_scale_cpu.txt
+
+``groups``: which activation quantizers cost the contrast. Weights 8-bit throughout and the 8-bit activations on
+only in one group of layers at a time, by place in the UNet (the time-embedding path, the down blocks, the mid
+block, up_blocks 0-2, up_blocks.3, conv_out) and by what the layer reads (every skip/shortcut input, every input
+after GroupNorm + SiLU, the attention projections, the down/upsampler convs). The group whose quantizers alone
+shrink the images as much as all of them is where a remedy has to act.
+
+    python experiments/paper/contrast_drift.py groups > experiments/results/contrast_by_group_cpu.txt
 """
 
 from __future__ import annotations
 
 import copy
+from fnmatch import fnmatch
 import platform
 import sys
 import time
@@ -106,7 +115,22 @@ def fit_correction(sampler, fp, q, x_noise):
     return k, bias
 
 
-MODES = ("correction", "steps", "ranges", "split", "eps_scale", "balance")
+MODES = ("correction", "steps", "ranges", "split", "eps_scale", "balance", "groups")
+
+# groups: activation quantizers by the name of the layer they feed (fnmatch patterns on the layer name); the
+# time-embedding path's layers are in the first group only
+GROUPS = {
+    "time-embedding path (time_embedding.*, every time_emb_proj)": ("time_embedding.*", "*.time_emb_proj"),
+    "down_blocks (no time_emb_proj)": ("down_blocks.*",),
+    "mid_block (no time_emb_proj)": ("mid_block.*",),
+    "up_blocks.0-2 (no time_emb_proj)": ("up_blocks.[012].*",),
+    "up_blocks.3 (no time_emb_proj)": ("up_blocks.3.*",),
+    "conv_out": ("conv_out",),
+    "every conv_shortcut (skip concat or channel change)": ("*.conv_shortcut",),
+    "every conv1 / conv2 (after GroupNorm + SiLU)": ("*.conv1", "*.conv2"),
+    "attention projections (to_q, to_k, to_v, to_out)": ("*.to_[qkv]", "*.to_out.0"),
+    "down/upsampler convs": ("*samplers.0.conv",),
+}
 
 
 @dataclass
@@ -193,7 +217,24 @@ def main(mode: str = "correction") -> None:
         return run
 
     everything = set(acts + weights)
-    if mode == "steps":
+    if mode == "groups":
+        temb = ("time_embedding.*", "*.time_emb_proj")
+        act_layers = [(name.split(".input_quantizers.")[0], qz) for name, qz in quantizers(qnet).items()
+                      if ".weight_quantizers." not in name]
+
+        def group(patterns) -> list:
+            """The activation quantizers of the layers ``patterns`` match; the time-embedding path's only in its
+            own group."""
+            own = patterns == temb
+            return [qz for layer, qz in act_layers if any(fnmatch(layer, p) for p in patterns)
+                    and (own or not any(fnmatch(layer, p) for p in temb))]
+
+        print(f"{header}; set-up {time.perf_counter() - t0:.0f} s; weights 8-bit in every variant")
+        variants = {"W8A8 (every group)": q, "W8 throughout, A8 never": only(set(weights))}
+        for label, patterns in GROUPS.items():
+            members = group(patterns)
+            variants[f"A8 only in {label}: {len(members)} quantizers"] = only(set(weights) | set(members))
+    elif mode == "steps":
         print(f"{header}; set-up {time.perf_counter() - t0:.0f} s; late steps: t < {LATE}")
         variants = {
             "W8A8 at every step": q,
