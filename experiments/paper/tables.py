@@ -113,12 +113,14 @@ def main_table(rows: list[dict]) -> str:
             "PSNR to FP (dB)": "", "calibration (s)": ""}]
     for r in sorted(rows, key=lambda r: (BITS.index(r["bits"]) if r["bits"] in BITS else 9, len(_extra(r)))):
         label = ", ".join([f"PTQ4DM {r['bits'].upper()}", *_extra(r)])
-        out.append({"model": label, "FID": f"{r['fid']:.2f} ({r['fid'] - r['fp_fid']:+.2f})", "sFID": r["sfid"],
+        se = f" ± {r['fid_over_fp_se']:.2f}" if r.get("fid_over_fp_se") is not None else ""  # jobs since 9fd87fd
+        out.append({"model": label, "FID": f"{r['fid']:.2f} ({r['fid'] - r['fp_fid']:+.2f}{se})", "sFID": r["sfid"],
                     "FID to FP images": r["fid_vs_fp"], "PSNR to FP (dB)": r["psnr_vs_fp"],
                     "calibration (s)": r.get("calibration_seconds")})
     head = (f"`python -m ptq4dm.run -m experiment=main_10k` (plus the overrides named in the rows); small_cifar10, "
             f"DDIM 100, {fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 calibration "
-            f"samples, NDTC (gaussian_ts) and MSE (Lp 2.4) unless the row says otherwise.")
+            f"samples, NDTC (gaussian_ts) and MSE (Lp 2.4) unless the row says otherwise. FID (over FP, ± its standard "
+            "error over the evaluation images where the job has one).")
     return f"{head}\n\n{markdown_table(out, list(out[0]))}"
 
 
