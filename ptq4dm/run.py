@@ -284,6 +284,9 @@ def config_digest(cfg: DictConfig) -> str:
     method = (keep.get("recon") or {}).get("method") or {}
     if method.get("held_out") == 0:  # added later; 0 computes what jobs before it computed
         method.pop("held_out")
+    if method.get("learn_weight_scale") is False:  # added later; off, the rate is unused: as jobs before them
+        method.pop("learn_weight_scale")
+        method.pop("weight_scale_lr", None)
     keep["metrics"].pop("fid_bootstrap", None)  # added later; it adds a standard error, the scores are the same
     if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
         keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)

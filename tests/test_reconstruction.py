@@ -197,18 +197,23 @@ def test_held_out_must_leave_samples_to_train_on():
         QDropReconstruction(held_out=-1)
 
 
-def test_held_out_zero_keeps_the_digest_of_jobs_made_before_the_key():
-    """Jobs finished before recon.method.held_out existed are still recognised as done; held_out > 0 is another job."""
+@pytest.mark.parametrize("off, on, added", [("held_out=0", "held_out=64", ["held_out"]),
+                                            ("learn_weight_scale=false", "learn_weight_scale=true",
+                                             ["learn_weight_scale", "weight_scale_lr"])])
+def test_keys_added_later_keep_the_digest_of_jobs_made_before_them(off, on, added):
+    """Jobs finished before recon.method.held_out (or learn_weight_scale and its rate) existed are still recognised
+    as done; the key's other value is another job."""
     from omegaconf import OmegaConf
 
     from ptq4dm.run import config_digest
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        off, on = (compose("run", overrides=["recon=qdrop", f"recon.method.held_out={n}", "output_dir=x"])
-                   for n in (0, 64))
-    before = OmegaConf.create(OmegaConf.to_container(off))
-    del before["recon"]["method"]["held_out"]
-    assert config_digest(off) == config_digest(before) != config_digest(on)
+        default, other = (compose("run", overrides=["recon=qdrop", f"recon.method.{o}", "output_dir=x"])
+                          for o in (off, on))
+    before = OmegaConf.create(OmegaConf.to_container(default))
+    for key in added:
+        del before["recon"]["method"][key]
+    assert config_digest(default) == config_digest(before) != config_digest(other)
 
 
 def test_cosine_rate_is_torchs_cosine_annealing():
@@ -234,3 +239,46 @@ def test_summary_totals_each_stage_of_a_two_stage_method():
     assert list(summary["stages"]) == ["weights", "activations"] and summary["units"] == 1  # one unit, two stages
     assert "loss_before" not in summary  # two different losses are not added up
     assert "stages" not in reconstruction_summary([{**r, "stage": ""} for r in rows])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_learned_weight_step_is_kept_exactly(symmetric):
+    """learn_weight_scale: what the quantizer keeps (the new step, and offsets from floor(W / new step) to the
+    learned codes) gives the very weights the reconstruction trained with, bit for bit."""
+    from ptq4dm.quant.quantizer import Quantizer, QuantSpec
+    from ptq4dm.reconstruction.rounding import AdaRoundWeight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, 3, 3, generator=g)
+    q = Quantizer(QuantSpec(4, symmetric=symmetric, per_channel=True), channels=6)
+    flat = w.flatten(1)
+    q.set_range(flat.amin(1) * 0.8, flat.amax(1) * 0.8)
+    learned = AdaRoundWeight(q, w, learn_scale=True)
+    with torch.no_grad():
+        learned.alpha.normal_(generator=g)
+        learned.log_gain.uniform_(-0.3, 0.3, generator=g)
+    learned.soft = False
+    trained = learned(w)
+    q.set_scale(learned.learned_scale())
+    q.set_rounding(learned.offsets(w, q.broadcast(q.scale, w.ndim)))
+    assert torch.equal(q(w), trained)
+    assert q.rounding.min() < 0 or q.rounding.max() > 1  # a moved step: offsets beyond AdaRound's 0/1
+
+
+def test_learned_weight_steps_lower_the_error_and_survive_save_and_load(tmp_path):
+    qnet, report = _quantize(QDropReconstruction(**FAST, learn_weight_scale=True, weight_scale_lr=1e-2))
+    units = report.reconstruction
+    assert sum(u.loss_after for u in units) < sum(u.loss_before for u in units)
+    ranged, _ = _quantize(None)
+    moved = [k for k, q in quantizers(qnet).items() if ".weight_quantizers." in k
+             and not torch.equal(q.scale, quantizers(ranged)[k].scale)]
+    assert moved
+    save_quantized(qnet, tmp_path)
+    again = load_quantized(tiny_unet(), tmp_path)
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 50, 400, 999])
+    with torch.no_grad():
+        assert torch.equal(again(x, t).sample, qnet(x, t).sample)
+    with pytest.raises(ValueError, match=r"recon\.method\.learn_weight_scale=true needs learn_weights=true"):
+        QDropReconstruction(learn_weight_scale=True, learn_weights=False)
+    with pytest.raises(ValueError, match=r"recon\.method\.weight_scale_lr=0: allowed is a positive number"):
+        QDropReconstruction(weight_scale_lr=0)

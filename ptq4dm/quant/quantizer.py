@@ -56,7 +56,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def fake_quantize_rounded(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                           rounding: torch.Tensor) -> torch.Tensor:
     """Fake quantization with learned rounding (AdaRound): ``floor(x / scale) + rounding`` instead of the
-    nearest level, ``rounding`` holding one 0/1 decision per element of ``x`` (a weight)."""
+    nearest level, ``rounding`` holding one small integer per element of ``x`` (a weight): AdaRound's 0/1
+    decision, or, once reconstruction has also learned the step, the offset from floor(x / new step) to the
+    learned code."""
     v = torch.floor(x.float() * scale.reciprocal()) + rounding.to(torch.float32)
     return ((torch.clamp(v + zero_point, qmin, qmax) - zero_point) * scale).to(x.dtype)
 
@@ -111,7 +113,8 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))  # persisted with the ranges
-        # Learned rounding of a weight (AdaRound; 0/1 per element, empty: round to nearest), saved with the ranges.
+        # Learned rounding of a weight (AdaRound; 0/1 per element, or offsets to the learned codes when the step
+        # was learned too; empty: round to nearest), saved with the ranges.
         self.register_buffer("rounding", torch.zeros(0, dtype=torch.int8))
         self.enabled = True
         self.override = None  # during reconstruction: what computes this quantizer's output instead (set_override)
@@ -142,7 +145,8 @@ class Quantizer(nn.Module):
         object.__setattr__(self, "override", override)
 
     def set_rounding(self, rounding: torch.Tensor | None) -> None:
-        """Learned 0/1 rounding decisions for the weight this quantizer quantizes (None: nearest level)."""
+        """Learned rounding for the weight this quantizer quantizes, as ``fake_quantize_rounded`` reads it: 0/1
+        decisions, or integer offsets (None: nearest level)."""
         self.rounding = torch.zeros(0, dtype=torch.int8, device=self.lo.device) if rounding is None \
             else rounding.to(torch.int8).to(self.lo.device)
 
@@ -162,7 +166,7 @@ class Quantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.ready = bool(self.calibrated)
 
-    def _broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if t.ndim == 0:
             return t
         shape = [1] * ndim
@@ -182,8 +186,8 @@ class Quantizer(nn.Module):
             return self.override(x)
         if not self.enabled or not self.ready:
             return x
-        scale = self._broadcast(self.scale, x.ndim)
-        zero_point = self._broadcast(self.zero_point, x.ndim)
+        scale = self.broadcast(self.scale, x.ndim)
+        zero_point = self.broadcast(self.zero_point, x.ndim)
         if self.rounding.numel():
             return fake_quantize_rounded(x, scale, zero_point, self.spec.qmin, self.spec.qmax, self.rounding)
         if self.fused and x.is_cuda and scale.ndim == 0:

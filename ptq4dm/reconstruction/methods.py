@@ -11,7 +11,8 @@ anneals linearly from ``b_start`` to ``b_end``.
 Presets (conf/recon/): ``adaround`` (each quantized layer alone), ``brecq`` (blocks), ``qdrop`` (blocks with
 activation quantization on during reconstruction, each value quantized with probability ``keep`` = 0.5, and
 activation step sizes learned), ``qdiffusion`` (two_stage.py: rounding first, then step sizes). A new method is
-one subclass of ``Reconstruction`` plus one YAML file.
+one subclass of ``Reconstruction`` plus one YAML file. ``learn_weight_scale`` (any preset) also learns each
+weight's step per output channel with its rounding (rounding.py, AdaRoundWeight).
 
 ``held_out`` > 0 keeps the last that many calibration samples out of training and reports each unit's error on
 them too: whether learned rounding generalises past the samples it was fitted to, or only memorises them.
@@ -95,7 +96,7 @@ class UnitReconstruction(Reconstruction):
                  b_end: float = 2.0, warmup: float = 0.2, loss_p: float = 2.0, inputs: str = "quantized",
                  block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0,
                  cuda_graphs: bool = True, held_out: int = 0, learn_weights: bool = True,
-                 act_lr_schedule: str = "constant"):
+                 act_lr_schedule: str = "constant", learn_weight_scale: bool = False, weight_scale_lr: float = 1e-4):
         checks = {"granularity": (granularity in ("block", "layer"), "'block' or 'layer'"),
                   "iters": (isinstance(iters, int) and iters >= 1, "a whole number of 1 or more"),
                   "batch_size": (isinstance(batch_size, int) and batch_size >= 1, "a whole number of 1 or more"),
@@ -108,7 +109,8 @@ class UnitReconstruction(Reconstruction):
                   "eval_samples": (isinstance(eval_samples, int) and eval_samples >= 1, "1 or more"),
                   "held_out": (isinstance(held_out, int) and held_out >= 0,
                                "a whole number of 0 or more, fewer than calib.num_samples"),
-                  "act_lr_schedule": (act_lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")}
+                  "act_lr_schedule": (act_lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
+                  "weight_scale_lr": (weight_scale_lr > 0, "a positive number")}
         for key, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"recon.method.{key}={locals()[key]!r}: allowed is {allowed}")
@@ -117,6 +119,9 @@ class UnitReconstruction(Reconstruction):
                              "reconstruction)")
         if not (learn_weights or learn_act_scale):
             raise ValueError("recon.method.learn_weights=false needs learn_act_scale=true: else nothing is learned")
+        if learn_weight_scale and not learn_weights:
+            raise ValueError("recon.method.learn_weight_scale=true needs learn_weights=true: the step is learned "
+                             "with the rounding")
         if act_lr_schedule != "constant" and not learn_act_scale:
             raise ValueError(f"recon.method.act_lr_schedule={act_lr_schedule!r} needs learn_act_scale=true: it "
                              "schedules the step sizes' rate")
@@ -127,6 +132,7 @@ class UnitReconstruction(Reconstruction):
         self.inputs, self.block_types = inputs, tuple(block_types)
         self.eval_samples, self.seed, self.cuda_graphs = eval_samples, seed, bool(cuda_graphs)
         self.held_out, self.learn_weights, self.act_lr_schedule = held_out, learn_weights, act_lr_schedule
+        self.learn_weight_scale, self.weight_scale_lr = bool(learn_weight_scale), weight_scale_lr
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -172,8 +178,10 @@ class UnitReconstruction(Reconstruction):
         unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
         # learn_weights=false: the weights keep the rounding they have (an earlier stage's, or the nearest)
-        weights = [AdaRoundWeight(q, layer.weight_part(i)) for layer in layers
+        weights = [AdaRoundWeight(q, layer.weight_part(i), self.learn_weight_scale) for layer in layers
                    for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready] if self.learn_weights else []
+        weight_parts = [(layer, i) for layer in layers for i, q in enumerate(layer.weight_quantizers)
+                        if q.enabled and q.ready] if self.learn_weights else []
         acts = [LearnedActivation(q, self.learn_act_scale, self.keep) for layer in layers
                 for q in [*layer.input_quantizers, *layer.output_quantizers] if q.enabled and q.ready] \
             if self.act_quant else []
@@ -187,6 +195,8 @@ class UnitReconstruction(Reconstruction):
             part.quantizer.set_override(part)
         cuda = ctx.device.type == "cuda"
         groups = [{"params": [w.alpha for w in weights], "lr": self.weight_lr}] if self.learn_weights else []
+        if self.learn_weight_scale and weights:
+            groups.append({"params": [w.log_gain for w in weights], "lr": self.weight_scale_lr})
         scheduled = learned_acts and self.act_lr_schedule != "constant"
         if learned_acts:
             # a scheduled rate on a GPU is a device tensor, refilled before each step (a captured graph reads it)
@@ -237,8 +247,14 @@ class UnitReconstruction(Reconstruction):
             for part in [*weights, *acts]:
                 part.quantizer.set_override(None)
         with torch.no_grad():
-            for w in weights:
-                w.quantizer.set_rounding(w.decisions())
+            for w, (layer, i) in zip(weights, weight_parts):
+                if w.log_gain is None:
+                    w.quantizer.set_rounding(w.decisions())
+                else:  # the new step first: the kept offsets are relative to floor(W / new step)
+                    w.quantizer.set_scale(w.learned_scale())
+                    weight = layer.weight_part(i)
+                    kept = w.quantizer.broadcast(w.quantizer.scale, weight.ndim)  # as its forward reads it
+                    w.quantizer.set_rounding(w.offsets(weight, kept))
             for a in acts:
                 if a.scale is not None:
                     a.quantizer.set_scale(a.step().detach())

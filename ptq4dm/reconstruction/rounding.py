@@ -20,9 +20,12 @@ GAMMA, ZETA = -0.1, 1.1
 
 
 class AdaRoundWeight(nn.Module):
-    """The learned rounding of one weight (or one split part of it), on its quantizer's fixed grid."""
+    """The learned rounding of one weight (or one split part of it), on its quantizer's grid. With
+    ``learn_scale`` the grid's step (per output channel) is learned too, as a factor exp(g) on the searched step:
+    the integer codes stay floor(W / s0) + rounding, so the step's gradient is the codes' own (the rounding's and
+    the step's learning do not chase each other through the floor)."""
 
-    def __init__(self, quantizer: Quantizer, weight: torch.Tensor):
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor, learn_scale: bool = False):
         super().__init__()
         object.__setattr__(self, "quantizer", quantizer)  # a reference, not a submodule (it points back here)
         shape = [1] * weight.dim()
@@ -34,7 +37,11 @@ class AdaRoundWeight(nn.Module):
         self.register_buffer("floor", torch.floor(v))
         rest = (v - self.floor).clamp(1e-6, 1 - 1e-6)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.log_gain = nn.Parameter(torch.zeros_like(self.scale)) if learn_scale else None
         self.soft = True
+
+    def step(self) -> torch.Tensor:
+        return self.scale if self.log_gain is None else self.scale * self.log_gain.exp()
 
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
@@ -43,7 +50,7 @@ class AdaRoundWeight(nn.Module):
         up = self.h() if self.soft else (self.alpha >= 0).float()
         q = self.quantizer.spec
         return ((torch.clamp(self.floor + up + self.zero_point, q.qmin, q.qmax) - self.zero_point)
-                * self.scale).to(w.dtype)
+                * self.step()).to(w.dtype)
 
     def regulariser(self, b: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
@@ -51,6 +58,21 @@ class AdaRoundWeight(nn.Module):
     def decisions(self) -> torch.Tensor:
         """Hard 0/1 rounding (round up where h >= 0.5), what the quantizer keeps (``set_rounding``)."""
         return (self.alpha.detach() >= 0).to(torch.int8)
+
+    def learned_scale(self) -> torch.Tensor | None:
+        """The learned step per output channel (flat, as the quantizer holds it), or None."""
+        return None if self.log_gain is None else self.step().detach().flatten()
+
+    def offsets(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What the quantizer keeps (``set_rounding``) once its step is ``scale`` (broadcast like the weight): the
+        learned codes floor(W / s0) + decision minus floor(W / scale), computed as the quantizer's forward computes
+        floor(W / scale), so that it reproduces the codes exactly. Small integers (0/1 with the step unchanged)."""
+        codes = self.floor + (self.alpha.detach() >= 0).float()
+        offsets = codes - torch.floor(weight.detach().float() * scale.reciprocal())
+        if offsets.abs().max() > 127:
+            raise ValueError("learned weight step moved the codes by more than int8 holds; lower "
+                             "recon.method.weight_scale_lr")
+        return offsets.to(torch.int8)
 
 
 class LearnedActivation(nn.Module):
