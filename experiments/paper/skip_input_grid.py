@@ -134,7 +134,8 @@ def main() -> None:
         for label, (f_in, t_in, w_in) in {"rotation": (fit, test, w), "smoothquant + rotation": (fs, ts, ws)}.items():
             f_r, t_r = mix(f_in, q), mix(t_in, q)
             lo, hi = search(f_r)
-            ways[label] = (mix(fake_quant(t_r, lo, hi), q.T), w_in)  # x = Q^T (Q x): the product sees Q^T x_q
+            # deployed: the rotated input on its grid times the rotated weight W Q^T (its own 8-bit grid in W8A8)
+            ways[label] = (fake_quant(t_r, lo, hi), torch.einsum("ojhw,ij->oihw", w_in, q))
         ways["per-channel (reference)"] = (per_channel(fit, test), w)
         energy = y.pow(2).sum()
         for way, (xq, wq) in ways.items():

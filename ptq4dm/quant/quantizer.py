@@ -166,7 +166,7 @@ class Quantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.ready = bool(self.calibrated)
 
-    def broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def _broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if t.ndim == 0:
             return t
         shape = [1] * ndim
@@ -186,8 +186,8 @@ class Quantizer(nn.Module):
             return self.override(x)
         if not self.enabled or not self.ready:
             return x
-        scale = self.broadcast(self.scale, x.ndim)
-        zero_point = self.broadcast(self.zero_point, x.ndim)
+        scale = self._broadcast(self.scale, x.ndim)
+        zero_point = self._broadcast(self.zero_point, x.ndim)
         if self.rounding.numel():
             return fake_quantize_rounded(x, scale, zero_point, self.spec.qmin, self.spec.qmax, self.rounding)
         if self.fused and x.is_cuda and scale.ndim == 0:

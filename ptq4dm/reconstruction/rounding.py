@@ -59,20 +59,22 @@ class AdaRoundWeight(nn.Module):
         """Hard 0/1 rounding (round up where h >= 0.5), what the quantizer keeps (``set_rounding``)."""
         return (self.alpha.detach() >= 0).to(torch.int8)
 
-    def learned_scale(self) -> torch.Tensor | None:
-        """The learned step per output channel (flat, as the quantizer holds it), or None."""
-        return None if self.log_gain is None else self.step().detach().flatten()
-
-    def offsets(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """What the quantizer keeps (``set_rounding``) once its step is ``scale`` (broadcast like the weight): the
-        learned codes floor(W / s0) + decision minus floor(W / scale), computed as the quantizer's forward computes
-        floor(W / scale), so that it reproduces the codes exactly. Small integers (0/1 with the step unchanged)."""
-        codes = self.floor + (self.alpha.detach() >= 0).float()
-        offsets = codes - torch.floor(weight.detach().float() * scale.reciprocal())
-        if offsets.abs().max() > 127:
-            raise ValueError("learned weight step moved the codes by more than int8 holds; lower "
-                             "recon.method.weight_scale_lr")
-        return offsets.to(torch.int8)
+    def offsets(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned step and what the quantizer keeps with it (``set_scale``, then ``set_rounding``): per
+        element, the learned code (clamped, as the forward clamps it) minus floor(W / step) + zero point, computed
+        as the quantizer's forward computes it so that it lands on the same codes bit for bit; 0 where the floor is
+        already past the grid's end the code sits on (the clamp does the rest). Raises before anything is kept if
+        an offset does not fit in int8."""
+        q = self.quantizer.spec
+        step = self.step().detach().clamp_min(1e-12)  # the values set_scale will store
+        target = torch.clamp(self.floor + (self.alpha.detach() >= 0).float() + self.zero_point, q.qmin, q.qmax)
+        base = torch.floor(weight.detach().float() * step.reciprocal()) + self.zero_point
+        beyond = ((target == q.qmax) & (base >= q.qmax)) | ((target == q.qmin) & (base <= q.qmin))
+        offsets = torch.where(beyond, torch.zeros_like(base), target - base)
+        if offsets.min() < -128 or offsets.max() > 127:
+            raise ValueError("a learned weight step moved the codes by more than int8 holds "
+                             f"({int(offsets.min())} to {int(offsets.max())}); lower recon.method.weight_scale_lr")
+        return step.flatten(), offsets.to(torch.int8)
 
 
 class LearnedActivation(nn.Module):
