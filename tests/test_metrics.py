@@ -138,7 +138,8 @@ def test_fid_bootstrap_spread_matches_fresh_draws():
 
 
 def test_fid_bootstrap_point_formula_and_refusals():
-    """Each replicate's FID is torch-fidelity's formula (here with no resampling: the identity's value), on both
+    """Each replicate's FID is frechet_distance's value (itself checked against torch-fidelity above; here with
+    no resampling), on both
     paths (fewer images than dimensions, and more); unpaired sets and a single replicate are refused."""
     from ptq4dm.metrics.bootstrap import _frechet, _sqrt_psd, paired_fid_difference
     from ptq4dm.metrics.fidelity import frechet_distance
