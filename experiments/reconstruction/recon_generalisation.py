@@ -42,20 +42,29 @@ def subset(calib: CalibrationSet, rows: torch.Tensor) -> CalibrationSet:
     return CalibrationSet(x=calib.x[rows], t=calib.t[rows], step_index=calib.step_index[rows])
 
 
-def main(units=UNITS, train=TRAIN, iters=ITERS) -> None:
+def forward(network):
+    return denoiser(network, "fp32")
+
+
+def w4a8_after_range_search(num_samples: int, seed: int = SEED):
+    """small_cifar10's FP UNet, NDTC calibration inputs (DDIM 20) and its W4A8 copy after the range search alone
+    (2 CPU threads): what the per-unit studies start from."""
     torch.set_num_threads(2)
-    device = torch.device("cpu")
     model = load_diffusion_model("small_cifar10")
     unet = model.unet.eval()
     sampler = ptq4dm.Sampler(model.scheduler, "ddim", steps=20)
-    forward = lambda network: denoiser(network, "fp32")  # noqa: E731
+    with torch.no_grad():
+        calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=num_samples, seed=seed).build(
+            forward(unet), sampler, (3, 32, 32), torch.device("cpu"), progress=False)
+    w4a8 = PTQMethod(ptq4dm.QuantConfig(weight_bits=4, act_bits=8), RangeSearch(), None, None)
+    return unet, calib, calibrate_network(copy.deepcopy(unet), unet, calib, w4a8, forward, 256)
+
+
+def main(units=UNITS, train=TRAIN, iters=ITERS) -> None:
+    device = torch.device("cpu")
     n_all = max(train) + HELD
     t0 = time.perf_counter()
-    with torch.no_grad():
-        calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=n_all, seed=SEED).build(
-            forward(unet), sampler, (3, 32, 32), device, progress=False)
-    w4a8 = PTQMethod(ptq4dm.QuantConfig(weight_bits=4, act_bits=8), RangeSearch(), None, None)
-    ranged = calibrate_network(copy.deepcopy(unet), unet, calib, w4a8, forward, 256)  # range search only
+    unet, calib, ranged = w4a8_after_range_search(n_all)
     print(f"# small_cifar10 W4A8, unit inputs from FP, NDTC {n_all} samples (DDIM 20, seed {SEED}), last {HELD} "
           f"held out; QDrop preset settings, one unit at a time; CPU {platform.machine()}, torch {torch.__version__}; "
           f"set-up {time.perf_counter() - t0:.0f} s")

@@ -18,13 +18,9 @@ from contextlib import nullcontext
 
 import torch
 
-import ptq4dm
-from ptq4dm.calibration import CalibrationRecipe, Gaussian, RangeSearch, Trajectory
-from ptq4dm.engine import PTQMethod, calibrate_network
-from ptq4dm.models import load_diffusion_model
 from ptq4dm.quant.api import quantizers
 from ptq4dm.reconstruction import QDropReconstruction, ReconstructionContext, find_units
-from ptq4dm.utils.precision import denoiser
+from recon_generalisation import forward, w4a8_after_range_search  # the script beside this one: the set-up
 
 UNITS = ["mid_block.resnets.1", "up_blocks.0.resnets.0", "up_blocks.3.resnets.2"]
 TRAIN, HELD, ITERS, SEED = 512, 256, 2000, 1234
@@ -33,18 +29,9 @@ VARIANTS = {"step fixed (qdrop preset)": {}, "step learned, lr 1e-4": {"learn_we
 
 
 def main() -> None:
-    torch.set_num_threads(2)
     device = torch.device("cpu")
-    model = load_diffusion_model("small_cifar10")
-    unet = model.unet.eval()
-    sampler = ptq4dm.Sampler(model.scheduler, "ddim", steps=20)
-    forward = lambda network: denoiser(network, "fp32")  # noqa: E731
     t0 = time.perf_counter()
-    with torch.no_grad():
-        calib = CalibrationRecipe(Gaussian(0.4, 0.4), Trajectory(), num_samples=TRAIN + HELD, seed=SEED).build(
-            forward(unet), sampler, (3, 32, 32), device, progress=False)
-    w4a8 = PTQMethod(ptq4dm.QuantConfig(weight_bits=4, act_bits=8), RangeSearch(), None, None)
-    ranged = calibrate_network(copy.deepcopy(unet), unet, calib, w4a8, forward, 256)  # range search only
+    unet, calib, ranged = w4a8_after_range_search(TRAIN + HELD, SEED)
     print(f"# small_cifar10 W4A8, unit inputs from FP, NDTC {TRAIN + HELD} samples (DDIM 20, seed {SEED}), last "
           f"{HELD} held out; QDrop preset settings, {ITERS} steps, one unit at a time; CPU {platform.machine()}, "
           f"torch {torch.__version__}; set-up {time.perf_counter() - t0:.0f} s")
