@@ -268,7 +268,7 @@ def test_a_learned_weight_step_is_kept_exactly(symmetric):
         learned.log_gain.copy_(gain)
     learned.soft = False
     trained = learned(w)
-    new_step, offsets = learned.offsets(w)
+    new_step, offsets = learned.kept()
     q.set_scale(new_step)
     q.set_rounding(offsets)
     assert torch.equal(q(w), trained)

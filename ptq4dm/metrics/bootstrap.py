@@ -25,7 +25,8 @@ def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _frechet(x: torch.Tensor, mu_ref: torch.Tensor, sigma_ref: torch.Tensor, root_ref: torch.Tensor) -> torch.Tensor:
-    """FID of the feature rows ``x`` against Gaussian reference statistics (torch-fidelity's formula)."""
+    """FID of the feature rows ``x`` against Gaussian reference statistics: ``fidelity.frechet_distance``'s
+    formula in torch (so that replicates run on the metrics device), checked against it by a test."""
     n, d = x.shape
     mu = x.mean(0)
     f = (x - mu) / math.sqrt(n - 1)  # sigma = f^T f
@@ -47,7 +48,7 @@ def paired_fid_difference(a: torch.Tensor, b: torch.Tensor, reference: dict[str,
     if replicates < 2 or len(a) < 2:
         raise ValueError(f"a bootstrap needs 2 or more replicates and images: {replicates} and {len(a)}")
     device = a.device
-    a, b = a.to(device, torch.float64), b.to(device, torch.float64)
+    a, b = a.double(), b.to(device, torch.float64)
     mu_ref = torch.as_tensor(reference["mu"], dtype=torch.float64, device=device)
     sigma_ref = torch.as_tensor(reference["sigma"], dtype=torch.float64, device=device)
     root_ref = _sqrt_psd(sigma_ref) if len(a) >= a.shape[1] else None

@@ -178,10 +178,8 @@ class UnitReconstruction(Reconstruction):
         unseen_before = self._loss(unit.module, inputs, target, unseen, ctx) if len(unseen) else None
 
         # learn_weights=false: the weights keep the rounding they have (an earlier stage's, or the nearest)
-        weight_parts = [(layer, i) for layer in layers for i, q in enumerate(layer.weight_quantizers)
-                        if q.enabled and q.ready] if self.learn_weights else []
-        weights = [AdaRoundWeight(layer.weight_quantizers[i], layer.weight_part(i), self.learn_weight_scale)
-                   for layer, i in weight_parts]
+        weights = [AdaRoundWeight(q, layer.weight_part(i), self.learn_weight_scale) for layer in layers
+                   for i, q in enumerate(layer.weight_quantizers) if q.enabled and q.ready] if self.learn_weights else []
         acts = [LearnedActivation(q, self.learn_act_scale, self.keep) for layer in layers
                 for q in [*layer.input_quantizers, *layer.output_quantizers] if q.enabled and q.ready] \
             if self.act_quant else []
@@ -248,8 +246,7 @@ class UnitReconstruction(Reconstruction):
                 part.quantizer.set_override(None)
         with torch.no_grad():
             # every learned step's offsets first (they may refuse), then kept: never half of a unit
-            kept = [(w, None, w.decisions()) if w.log_gain is None else (w, *w.offsets(layer.weight_part(i)))
-                    for w, (layer, i) in zip(weights, weight_parts)]
+            kept = [(w, *w.kept()) for w in weights]
             for w, step, rounding in kept:
                 if step is not None:
                     w.quantizer.set_scale(step)

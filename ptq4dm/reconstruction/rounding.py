@@ -38,6 +38,8 @@ class AdaRoundWeight(nn.Module):
         rest = (v - self.floor).clamp(1e-6, 1 - 1e-6)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale)) if learn_scale else None
+        # the weight as the quantizer will be given it (the codes' offsets are taken from it once the step moved)
+        self.source = weight.detach() if learn_scale else None
         self.soft = True
 
     def step(self) -> torch.Tensor:
@@ -46,8 +48,12 @@ class AdaRoundWeight(nn.Module):
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    def up(self) -> torch.Tensor:
+        """The hard rounding: 1 where h >= 0.5 (alpha >= 0), else 0."""
+        return (self.alpha.detach() >= 0).float()
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        up = self.h() if self.soft else (self.alpha >= 0).float()
+        up = self.h() if self.soft else self.up()
         q = self.quantizer.spec
         return ((torch.clamp(self.floor + up + self.zero_point, q.qmin, q.qmax) - self.zero_point)
                 * self.step()).to(w.dtype)
@@ -55,20 +61,19 @@ class AdaRoundWeight(nn.Module):
     def regulariser(self, b: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
 
-    def decisions(self) -> torch.Tensor:
-        """Hard 0/1 rounding (round up where h >= 0.5), what the quantizer keeps (``set_rounding``)."""
-        return (self.alpha.detach() >= 0).to(torch.int8)
-
-    def offsets(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned step and what the quantizer keeps with it (``set_scale``, then ``set_rounding``): per
-        element, the learned code (clamped, as the forward clamps it) minus floor(W / step) + zero point, computed
+    def kept(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What the quantizer keeps (``set_scale`` when the step was learned, then ``set_rounding``): the new step
+        (None if fixed) and the rounding. With the step fixed, AdaRound's 0/1 decisions. With it learned, per
+        element the learned code (clamped, as the forward clamps it) minus floor(W / step) + zero point, computed
         as the quantizer's forward computes it so that it lands on the same codes bit for bit; 0 where the floor is
-        already past the grid's end the code sits on (the clamp does the rest). Raises before anything is kept if
+        already past the grid's end the code sits on (the clamp does the rest). Raises, before anything is kept, if
         an offset does not fit in int8."""
+        if self.log_gain is None:
+            return None, self.up().to(torch.int8)
         q = self.quantizer.spec
         step = self.step().detach().clamp_min(1e-12)  # the values set_scale will store
-        target = torch.clamp(self.floor + (self.alpha.detach() >= 0).float() + self.zero_point, q.qmin, q.qmax)
-        base = torch.floor(weight.detach().float() * step.reciprocal()) + self.zero_point
+        target = torch.clamp(self.floor + self.up() + self.zero_point, q.qmin, q.qmax)
+        base = torch.floor(self.source.float() * step.reciprocal()) + self.zero_point
         beyond = ((target == q.qmax) & (base >= q.qmax)) | ((target == q.qmin) & (base <= q.qmin))
         offsets = torch.where(beyond, torch.zeros_like(base), target - base)
         if offsets.min() < -128 or offsets.max() > 127:
