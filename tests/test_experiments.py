@@ -174,3 +174,20 @@ def test_collect_results_previous_adds_an_earlier_machines_jobs_and_keeps_this_o
     assert {j["job"]: j["quantized"]["fid"] for j in jobs} == {"bits=w4a8,recon=qdrop": 19.0,
                                                                "bits=w8a8,recon=qdrop": 18.9}
     assert len(load_jobs(tmp_path / "collected")) == 2
+
+
+def test_collect_results_keeps_one_fp_grid_per_sampler_and_precision(tmp_path):
+    """Jobs with another eval.precision sample other FP images: their FP grid is kept beside the default's, not
+    dropped as a duplicate of it."""
+    sweep = tmp_path / "multirun" / "main_10k"
+    for job, extra in [("bits=w8a8", []), ("bits=w8a8,recon=qdrop", []),
+                       ("bits=w8a8,eval.precision=fp32", ["eval.precision=fp32"])]:
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "results.json").write_text(json.dumps(
+            {"status": "ok", "axes": {"bits": "w8a8", "sampler": "ddim-100"}, "overrides": ["bits=w8a8", *extra],
+             "fp": {"fid": 18.3}, "quantized": {"fid": 19.0}}))
+        (sweep / job / "samples_full_precision.png").write_bytes(job.encode())
+    out = tmp_path / "collected"
+    COLLECT["collect"](sweep, out, grids=0)
+    assert sorted(p.name for p in out.glob("*.png")) == ["bits=w8a8,eval.precision=fp32__samples_full_precision.png",
+                                                          "bits=w8a8__samples_full_precision.png"]

@@ -83,16 +83,17 @@ def restore_previous(records: list[dict], sweep_dir: Path) -> list[Path]:
 
 
 def copy_grids(sweep_dir: Path, out: Path, jobs: list[dict], grids: int) -> None:
-    """The quantized grids of the first ``grids`` jobs; one FP grid per sampler (jobs with the same sampler sample
-    the same FP images)."""
+    """The quantized grids of the first ``grids`` jobs; one FP grid per sampler and simulation precision (jobs
+    with both the same sample the same FP images)."""
     fp_done = set()
     for i, job in enumerate(jobs):
         folder, prefix = sweep_dir / job["job"], job["job"].replace("/", "_")
-        sampler = job.get("axes", {}).get("sampler")
+        precision = [o for o in job.get("overrides", []) if o.startswith("eval.precision=")]
+        images = (job.get("axes", {}).get("sampler"), *precision)
         fp_grid = folder / "samples_full_precision.png"
-        if sampler not in fp_done and fp_grid.exists():
+        if images not in fp_done and fp_grid.exists():
             shutil.copy(fp_grid, out / f"{prefix}__{fp_grid.name}")
-            fp_done.add(sampler)
+            fp_done.add(images)
         if i < grids and (folder / "samples_quantized.png").exists():
             shutil.copy(folder / "samples_quantized.png", out / f"{prefix}__samples_quantized.png")
 

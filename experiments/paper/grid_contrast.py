@@ -33,17 +33,26 @@ def fid_over_fp(folder: Path) -> dict[str, float]:
     return {j["job"]: j["quantized"]["fid"] - j["fp"]["fid"] for j in jobs if j.get("quantized")}
 
 
+def precision(name: str) -> str:
+    """The simulation precision a grid's job name overrides ("eval.precision=fp32"), or "" for the default."""
+    return next((part for part in name.removesuffix(".png").split("__")[0].split(",")
+                 if part.startswith("eval.precision=")), "")
+
+
 def main() -> None:
     print("| folder | job | per-image std ratio (median) | saturated values | mean shift (levels) | FID over FP |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in FOLDERS:
         folder = RESULTS / name
-        fp = tiles(next(folder.glob("*samples_full_precision.png")))
-        fp_std = fp.reshape(len(fp), -1).std(1)
+        fp_grids = {precision(p.name): tiles(p) for p in folder.glob("*samples_full_precision.png")}
         fids = fid_over_fp(folder)
-        print(f"| {name} | full precision | 1 | {np.mean((fp == 0) | (fp == 255)):.4f} | 0 | |")
+        for key, fp in sorted(fp_grids.items()):
+            label = "full precision" + (f", {key}" if key else "")
+            print(f"| {name} | {label} | 1 | {np.mean((fp == 0) | (fp == 255)):.4f} | 0 | |")
         for path in sorted(folder.glob("*__samples_quantized.png")):
             job = path.name.removesuffix("__samples_quantized.png")
+            fp = fp_grids[precision(job)]  # the FP images simulated as this job's were
+            fp_std = fp.reshape(len(fp), -1).std(1)
             q = tiles(path)
             ratio = np.median(q.reshape(len(q), -1).std(1) / fp_std)
             fid = fids.get(job)
