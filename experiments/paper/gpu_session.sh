@@ -25,6 +25,11 @@
 # machine (2026-12-03: a 300 s poll spent waiting on one; poll now stops at once with exit 3). That machine is
 # held and warm: send `start` again at once. Polls of about 300 s bring finished jobs back sooner; a start costs
 # ~90 s of device time before the command runs.
+# Budget: jobs sharing the GPU take about as long together as one after another (W4A8 10000-step reconstruction:
+# 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1400 s of work after
+# the start and the FID parts (~230 s); 2026-12-05 lost three W4A8 jobs by starting six at once. A quick check of
+# a path the CPU tests cannot reach (CUDA graphs, fused Adam) can run during the puts, e.g.
+# experiments/reconstruction/gpu_smoke.py (the FID network is not needed for it).
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
@@ -78,8 +83,13 @@ case $stage in
   poll)
     # A bare machine (the held one was taken back between calls) has no queue: say so now, not after SECONDS.
     if [ ! -f "$STATE/queue.log" ]; then echo "NO QUEUE: this is a fresh machine; send start again"; exit 3; fi
-    end=$((SECONDS + $2))
-    while [ $SECONDS -lt $end ] && ! grep -q "QUEUE DONE" "$STATE/queue.log"; do sleep 10; done
+    # Packed every minute while waiting, so that a call cut short (the session's device time running out ends the
+    # call at once) still brings back every job finished by then.
+    end=$((SECONDS + $2)) packed=$SECONDS
+    while [ $SECONDS -lt $end ] && ! grep -q "QUEUE DONE" "$STATE/queue.log"; do
+      sleep 10
+      if [ $((SECONDS - packed)) -ge 60 ]; then pack > /dev/null; packed=$SECONDS; fi
+    done
     pack
     ;;
 esac
