@@ -1,4 +1,5 @@
-"""Copy what a sweep found into a small, committable folder: summary.csv/md and jobs.json (one record per job:
+"""Copy what a sweep found into a small, committable folder: summary.csv/md (and summary_seeds.csv/md, recipes
+over calibration seeds) and jobs.json (one record per job:
 its overrides, axes, FP and quantized scores, timings, calibration time steps, reconstruction totals), plus the quantized sample grids of
 the first jobs and one full-precision grid per set of FP images. Paths of the machine that ran it are replaced by
 placeholders.
@@ -59,7 +60,7 @@ def collect(sweep_dir: Path, out: Path, grids: int = 2, shared: bool = False,
         record = json.loads(path.read_text())
         jobs.append({"job": path.parent.name, **{k: record[k] for k in KEEP if k in record}})
     (out / "jobs.json").write_text(json.dumps(jobs, indent=1) + "\n")
-    for name in ("summary.csv", "summary.md"):
+    for name in ("summary.csv", "summary.md", "summary_seeds.csv", "summary_seeds.md"):
         if (sweep_dir / name).exists():
             text = (sweep_dir / name).read_text().replace(str(sweep_dir), f"multirun/{sweep_dir.name}")
             (out / name).write_text(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ptq4dm.experiment import over_seeds
 from ptq4dm.experiment.job import FAILURE, RESULTS
 from ptq4dm.experiment.recipe import AXES
 from ptq4dm.utils.io import atomic_write_json, atomic_write_text
@@ -115,8 +116,8 @@ def _settings(overrides: list[str]) -> dict:
 
 def write_summary(sweep_dir: str | Path, every_folder: bool = False) -> str | None:
     """Write ``summary.csv`` and ``summary.md`` in ``sweep_dir`` over the jobs of the sweep that ran last there
-    (over every job folder with ``every_folder``: several invocations filling one folder); returns the markdown
-    (None if no jobs)."""
+    (over every job folder with ``every_folder``: several invocations filling one folder), and the seed table if
+    a recipe ran at several calibration seeds; returns the markdown (None if no jobs)."""
     sweep_dir = Path(sweep_dir)
     jobs, others = _jobs(sweep_dir, every_folder)
     rows = _rows(jobs)
@@ -134,6 +135,40 @@ def write_summary(sweep_dir: str | Path, every_folder: bool = False) -> str | No
     if others:
         table += f"\n\n({others} job folder(s) from earlier sweeps in {sweep_dir} are not part of this sweep)"
     atomic_write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir}\n\n{table}\n")
+    seeds = write_seed_summary(sweep_dir, jobs)
+    return table if seeds is None else f"{table}\n\nOver calibration seeds (summary_seeds.md):\n{seeds}"
+
+
+def _scores(record: dict) -> dict:
+    """The scores the seed table averages; FID over FP from the two FIDs for jobs older than its own key."""
+    q, fp = record.get("quantized") or {}, record.get("fp") or {}
+    over = q.get("fid_over_fp")
+    if over is None and q.get("fid") is not None and fp.get("fid") is not None:
+        over = q["fid"] - fp["fid"]
+    return {"fid_over_fp": over, "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")}
+
+
+def write_seed_summary(sweep_dir: Path, jobs: list[tuple[str, dict, str]]) -> str | None:
+    """``summary_seeds.csv`` / ``.md``: each recipe this sweep ran at two or more calibration seeds, with the
+    mean and spread over them (``ptq4dm.experiment.over_seeds``). Without such a recipe, a seed table an earlier
+    sweep left here is removed (it would describe other jobs). Returns the markdown (None if none)."""
+    ok = [over_seeds.Job(tuple(r.get("overrides", [])), _scores(r)) for _, r, status in jobs if status == "ok"]
+    rows = over_seeds.over_seeds(ok)
+    paths = sweep_dir / "summary_seeds.csv", sweep_dir / "summary_seeds.md"
+    if not rows:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return None
+    columns = over_seeds.columns(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(paths[0], buf.getvalue())
+    table = markdown_table(rows, columns)
+    atomic_write_text(paths[1], f"# Sweep {sweep_dir}: recipes over calibration seeds\n\nMean, sample standard "
+                      f"deviation, the mean's standard error (sd / sqrt(n)) and the range over the seeds.\n\n"
+                      f"{table}\n")
     return table
 
 

@@ -1,0 +1,63 @@
+"""The table of recipes over calibration seeds (ptq4dm.experiment.over_seeds) and the sweep summary's copy of it."""
+
+import json
+import math
+import statistics
+
+import pytest
+
+from ptq4dm.experiment.over_seeds import Job, over_seeds, recipe_and_seeds
+from ptq4dm.experiment.summary import write_summary
+
+
+def test_recipe_sets_aside_seeds_and_keys_that_change_no_score():
+    recipe, seeds = recipe_and_seeds(["bits=w8a8", "experiment=main_10k", "recon=qdrop", "calib.seed=7",
+                                      "recon.method.seed=7", "logger=csv", "progress=False",
+                                      "metrics.inception_path=/x/default_1.pt", "data.root=/x/data",
+                                      "metrics.fid_bootstrap=0", "ops.shortcut_split=true"])
+    assert recipe == ("bits=w8a8", "ops.shortcut_split=True", "recon=qdrop")
+    assert seeds == ("calib.seed=7", "recon.method.seed=7")
+    # Hydra's spelling: true and True are one value
+    assert recipe_and_seeds(["ops.shortcut_split=True", "bits=w8a8", "recon=qdrop"])[0] == recipe
+
+
+def test_one_row_per_recipe_with_the_statistics_over_its_seeds():
+    def job(fid, *extra):
+        return Job(("bits=w8a8", "recon=qdrop", *extra), {"fid_over_fp": fid, "fid_vs_fp": 1.0, "psnr_vs_fp": None})
+
+    jobs = [job(0.5), job(0.4, "calib.seed=7", "recon.method.seed=7"), job(0.1, "calib.seed=99", "recon.method.seed=99"),
+            job(0.9, "eval.precision=fp32"),  # another recipe, one seed: no row
+            job(0.3, "calib.seed=7")]  # the calibration seed alone differs from the pairs above: a fourth seed setting
+    (row,) = over_seeds(jobs)
+    values = [0.5, 0.4, 0.1, 0.3]
+    assert row["recipe"] == "bits=w8a8 recon=qdrop" and row["n"] == 4
+    assert row["seeds"] == "default, 7, 99, 7"
+    assert row["fid_over_fp_mean"] == pytest.approx(statistics.fmean(values))
+    assert row["fid_over_fp_sd"] == pytest.approx(statistics.stdev(values))
+    assert row["fid_over_fp_se"] == pytest.approx(statistics.stdev(values) / math.sqrt(4))
+    assert (row["fid_over_fp_min"], row["fid_over_fp_max"]) == (0.1, 0.5)
+    assert row["fid_vs_fp_sd"] == 0.0
+    assert "psnr_vs_fp_mean" not in row  # not measured: no number made up
+
+
+def test_the_sweep_summary_writes_the_seed_table_and_drops_a_stale_one(tmp_path):
+    """Job folders as ptq4dm.run leaves them (results.json with overrides and scores); jobs older than the
+    fid_over_fp key count by their two FIDs; a failed job is left out."""
+    def write(name, overrides, q_fid, status="ok"):
+        folder = tmp_path / name
+        folder.mkdir()
+        record = {"status": status, "axes": {"bits": "w8a8"}, "overrides": overrides, "fp": {"fid": 18.0},
+                  "quantized": {"fid": q_fid, "fid_vs_fp": 1.0, "psnr_vs_fp": 34.0}}
+        (folder / "results.json").write_text(json.dumps(record))
+
+    write("bits=w8a8", ["bits=w8a8"], 18.5)
+    write("bits=w8a8,calib.seed=7", ["bits=w8a8", "calib.seed=7"], 18.3)
+    write("bits=w8a8,calib.seed=8", ["bits=w8a8", "calib.seed=8"], 30.0, status="failed")
+    table = write_summary(tmp_path, every_folder=True)
+    assert "Over calibration seeds" in table
+    lines = (tmp_path / "summary_seeds.csv").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("bits=w8a8,2,\"default, 7\",0.4")
+    for name in ("bits=w8a8,calib.seed=7", "bits=w8a8,calib.seed=8"):
+        (tmp_path / name / "results.json").unlink()
+    assert "Over calibration seeds" not in write_summary(tmp_path, every_folder=True)
+    assert not (tmp_path / "summary_seeds.csv").exists() and not (tmp_path / "summary_seeds.md").exists()
