@@ -191,3 +191,15 @@ def test_collect_results_keeps_one_fp_grid_per_sampler_and_precision(tmp_path):
     COLLECT["collect"](sweep, out, grids=0)
     assert sorted(p.name for p in out.glob("*.png")) == ["bits=w8a8,eval.precision=fp32__samples_full_precision.png",
                                                           "bits=w8a8__samples_full_precision.png"]
+
+
+def test_the_readme_tables_name_every_departure_and_group_seeds(capsys):
+    """experiments/paper/tables.py on the committed results: each main_10k row names its presets and keys (a
+    reconstruction, a balance, the simulation precision), each simulation precision has its FP row, and recipes
+    run at several seeds get their mean and spread."""
+    tables = runpy.run_path(str(PAPER / "tables.py"))
+    tables["main"](PAPER.parent / "results")
+    out = capsys.readouterr().out
+    assert "| PTQ4DM W8A8, balance=smoothquant, recon=qdrop, eval.precision=fp32 " in out
+    assert "| full precision, eval.precision=fp32 " in out
+    assert "Over calibration seeds (main_10k_recon)" in out

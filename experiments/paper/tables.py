@@ -7,9 +7,11 @@ the paper's figures (PTQ4DM, CVPR 2023; ../shared/docs/paper.md) as changes rela
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+from ptq4dm.experiment import over_seeds
 from ptq4dm.experiment.results import load_all
 from ptq4dm.utils.table import markdown_table
 
@@ -107,29 +109,57 @@ def ndtc_grid(rows: list[dict]) -> str:
 
 
 def main_table(rows: list[dict]) -> str:
-    """FP, then one row per quantized job, labelled by its bits and any other axis override (ops.*, calib.*)."""
-    fp = rows[0]
-    out = [{"model": "full precision", "FID": fp["fp_fid"], "sFID": fp["fp_sfid"], "FID to FP images": "",
-            "PSNR to FP (dB)": "", "calibration (s)": ""}]
-    for r in sorted(rows, key=lambda r: (BITS.index(r["bits"]) if r["bits"] in BITS else 9, len(_extra(r)))):
+    """FP (one row per simulation precision: each samples its own FP images), then one row per quantized job,
+    labelled by its bits and every departure from main_10k's method (presets and single keys), seeds last."""
+    fps = {r.get("eval.precision", ""): r for r in rows}
+    out = [{"model": "full precision" + (f", eval.precision={p}" if p else ""), "FID": fp["fp_fid"],
+            "sFID": fp["fp_sfid"], "FID to FP images": "", "PSNR to FP (dB)": "", "calibration (s)": ""}
+           for p, fp in sorted(fps.items())]
+    for r in sorted(rows, key=_order):
         label = ", ".join([f"PTQ4DM {r['bits'].upper()}", *_extra(r)])
         se = f" ± {r['fid_over_fp_se']:.2f}" if r.get("fid_over_fp_se") is not None else ""  # jobs since 9fd87fd
         out.append({"model": label, "FID": f"{r['fid']:.2f} ({r['fid'] - r['fp_fid']:+.2f}{se})", "sFID": r["sfid"],
                     "FID to FP images": r["fid_vs_fp"], "PSNR to FP (dB)": r["psnr_vs_fp"],
                     "calibration (s)": r.get("calibration_seconds")})
+    fp = rows[0]
     head = (f"`python -m ptq4dm.run -m experiment=main_10k` (plus the overrides named in the rows); small_cifar10, "
             f"DDIM 100, {fp['num_samples']} samples per FID against the CIFAR-10 train set, 1024 calibration "
             f"samples, NDTC (gaussian_ts) and MSE (Lp 2.4) unless the row says otherwise. FID (over FP, ± its standard "
-            "error over the evaluation images where the job has one).")
+            "error over the evaluation images where the job has one); each row against the FP images simulated "
+            "at its own precision.")
     return f"{head}\n\n{markdown_table(out, list(out[0]))}"
 
 
+# main_10k's method: a row names the presets it changes and every single key it sets (seeds last).
+DEFAULTS = {"ops": "ptq4dm", "calib": "gaussian_ts", "metric": "mse", "weight_metric": "auto", "balance": "none",
+            "recon": "none"}
+SEEDS = ("calib.seed", "recon.method.seed")
+
+
+def _order(row: dict) -> tuple:
+    """Bits, then the recipe (simplest first), then its seeds: a recipe's seeds stand together."""
+    recipe = [e for e in _extra(row) if e.split("=")[0] not in SEEDS]
+    seeds = [int(row[k]) if str(row[k]).isdigit() else 0 for k in SEEDS if k in row]
+    return BITS.index(row["bits"]) if row["bits"] in BITS else 9, len(recipe), recipe, seeds
+
+
 def _extra(row: dict) -> list[str]:
-    """The row's departures from main_10k's method: another calib or metric preset, any ops/calib/metric key."""
-    presets = [f"{k}={row[k]}" for k, default in (("calib", "gaussian_ts"), ("metric", "mse"))
-               if row.get(k) not in (None, "", default)]
-    return presets + [f"{k}={v}" for k, v in sorted(row.items())
-                      if "." in k and k.split(".")[0] in ("ops", "calib", "metric")]
+    """The row's departures from main_10k's method: other presets, then any ops/calib/metric/recon/balance/eval
+    key, the calibration seeds last."""
+    presets = [f"{k}={row[k]}" for k, default in DEFAULTS.items() if row.get(k) not in (None, "", default)]
+    keys = [f"{k}={v}" for k, v in sorted(row.items()) if "." in k and k not in SEEDS
+            and k.split(".")[0] in (*DEFAULTS, "eval")]
+    return presets + keys + [f"{k}={row[k]}" for k in SEEDS if k in row]
+
+
+def seeds_table(folder: Path) -> str:
+    """The recipes of a results folder run at several calibration seeds: mean, spread and range of each."""
+    records = [r for r in json.loads((folder / "jobs.json").read_text()) if r.get("status") == "ok"]
+    rows = over_seeds.over_seeds([over_seeds.job(r) for r in records])
+    if not rows:
+        return ""
+    return (f"Over calibration seeds ({folder.name}): mean, sample sd, the mean's standard error and range of FID "
+            f"over FP; FID and PSNR to FP, mean and sd.\n\n{markdown_table(rows, over_seeds.columns(rows))}\n")
 
 
 def main(root: Path = RESULTS) -> None:
@@ -141,6 +171,8 @@ def main(root: Path = RESULTS) -> None:
     for title, name, fn in sections:
         if results.get(name):
             print(f"### {title}\n\n{fn(results[name])}\n")
+        if name.startswith("main_10k") and results.get(name):
+            print(seeds_table(root / name))
     for name in AXIS:
         if name != "table5_samplers" and results.get(name):
             print(f"### {name}\n\n{ablation_table(name, results[name])}\n")

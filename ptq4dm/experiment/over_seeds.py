@@ -33,6 +33,17 @@ class Job:
     scores: dict
 
 
+def job(record: dict) -> Job:
+    """A finished job's record (its results.json, or a collected jobs.json entry) as the table reads it; FID over FP
+    from the two FIDs for jobs older than its own key."""
+    q, fp = record.get("quantized") or {}, record.get("fp") or {}
+    over = q.get("fid_over_fp")
+    if over is None and q.get("fid") is not None and fp.get("fid") is not None:
+        over = q["fid"] - fp["fid"]
+    return Job(tuple(record.get("overrides", [])),
+               {"fid_over_fp": over, "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
+
+
 def recipe_and_seeds(overrides: tuple[str, ...] | list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the overrides that make the recipe, the seed overrides), each as sorted ``key=value`` strings with
     Hydra's spelling of the values (``true`` and ``True`` are one recipe)."""

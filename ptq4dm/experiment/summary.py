@@ -139,20 +139,11 @@ def write_summary(sweep_dir: str | Path, every_folder: bool = False) -> str | No
     return table if seeds is None else f"{table}\n\nOver calibration seeds (summary_seeds.md):\n{seeds}"
 
 
-def _scores(record: dict) -> dict:
-    """The scores the seed table averages; FID over FP from the two FIDs for jobs older than its own key."""
-    q, fp = record.get("quantized") or {}, record.get("fp") or {}
-    over = q.get("fid_over_fp")
-    if over is None and q.get("fid") is not None and fp.get("fid") is not None:
-        over = q["fid"] - fp["fid"]
-    return {"fid_over_fp": over, "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")}
-
-
 def write_seed_summary(sweep_dir: Path, jobs: list[tuple[str, dict, str]]) -> str | None:
     """``summary_seeds.csv`` / ``.md``: each recipe this sweep ran at two or more calibration seeds, with the
     mean and spread over them (``ptq4dm.experiment.over_seeds``). Without such a recipe, a seed table an earlier
     sweep left here is removed (it would describe other jobs). Returns the markdown (None if none)."""
-    ok = [over_seeds.Job(tuple(r.get("overrides", [])), _scores(r)) for _, r, status in jobs if status == "ok"]
+    ok = [over_seeds.job(r) for _, r, status in jobs if status == "ok"]
     rows = over_seeds.over_seeds(ok)
     paths = sweep_dir / "summary_seeds.csv", sweep_dir / "summary_seeds.md"
     if not rows:
