@@ -388,6 +388,9 @@ def run(cfg: DictConfig) -> dict:
         "reference_digest": reference_digest,
         "inception_input": scored_as,  # "1 channel repeated to 3" for grayscale images
         "seed": cfg.seed,
+        # the calibration seeds as resolved (interpolations and defaults included): the seed table groups by them
+        "calibration_seeds": {"calib.seed": OmegaConf.select(cfg, "calib.seed", default=None),
+                              "recon.method.seed": OmegaConf.select(cfg, "recon.method.seed", default=None)},
         "device": device_name(device),
     }
     n = cfg.eval.grid_size

@@ -33,6 +33,7 @@ def test_two_by_two_multirun(tmp_path, monkeypatch, capsys):
         q = r["quantized"]  # FID over FP, and its spread over the evaluation images (metrics.fid_bootstrap)
         assert q["fid_over_fp"] == pytest.approx(q["fid"] - r["fp"]["fid"]) and q["fid_over_fp_se"] > 0
         assert r["fp"] == results[0]["fp"]  # one FP sample set, shared by the sweep
+        assert r["calibration_seeds"] == {"calib.seed": 1234, "recon.method.seed": None}  # as resolved (recon=none)
         stages = {k: v for k, v in r["timings"].items() if k.startswith("stage_seconds_")}
         assert set(stages) == {f"stage_seconds_{s}" for s in STAGES}
         assert stages["stage_seconds_calibration"] >= r["timings"]["calibration_seconds"] > 0
@@ -52,6 +53,7 @@ def test_two_by_two_multirun(tmp_path, monkeypatch, capsys):
     assert len(rows) == 4 and {"calib", "metric", "fid", "fp_fid", "psnr_vs_fp"} <= set(rows[0])
     assert "ops" not in rows[0]  # only the varied axes get a column
     assert "| calib" in (sweep / "summary.md").read_text()
+    assert not (sweep / "summary_seeds.md").exists()  # four recipes, one seed each: no seed table
     for i in range(4):
         assert (sweep / str(i) / "ranges.csv").read_text().startswith("quantizer,tensor,bits")
         assert (sweep / str(i) / "config.yaml").exists()

@@ -27,7 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from ptq4dm.experiment.summary import write_summary
 
 KEEP = ("status", "from_sweep", "axes", "overrides", "num_samples", "num_calibration_samples", "fp", "quantized",
-        "timings", "calibration_timesteps", "reconstruction", "reference", "seed", "device", "error", "provenance")
+        "timings", "calibration_timesteps", "reconstruction", "reference", "seed", "calibration_seeds", "device",
+        "error", "provenance")
 
 # Points of the paper sweeps that are jobs of table3_timesteps (equal config digests: tests/test_experiments.py):
 # sweep -> (the calib preset of the table3_timesteps job, the sweep's overrides for that point). The default GPU
@@ -89,7 +90,7 @@ def copy_grids(sweep_dir: Path, out: Path, jobs: list[dict], grids: int) -> None
     fp_done = set()
     for i, job in enumerate(jobs):
         folder, prefix = sweep_dir / job["job"], job["job"].replace("/", "_")
-        precision = [o for o in job.get("overrides", []) if o.startswith("eval.precision=")]
+        precision = [o.lstrip("+") for o in job.get("overrides", []) if o.lstrip("+").startswith("eval.precision=")]
         images = (job.get("axes", {}).get("sampler"), *precision)
         fp_grid = folder / "samples_full_precision.png"
         if images not in fp_done and fp_grid.exists():

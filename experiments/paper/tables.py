@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ptq4dm.experiment import over_seeds
+from ptq4dm.experiment.over_seeds import natural_key
 from ptq4dm.experiment.results import load_all
 from ptq4dm.utils.table import markdown_table
 
@@ -131,8 +132,8 @@ def main_table(rows: list[dict]) -> str:
 
 
 # main_10k's method: a row names the presets it changes and every single key it sets (seeds last).
-DEFAULTS = {"ops": "ptq4dm", "calib": "gaussian_ts", "metric": "mse", "weight_metric": "auto", "balance": "none",
-            "recon": "none"}
+DEFAULTS = {"model": "small_cifar10", "sampler": "ddim-100", "ops": "ptq4dm", "calib": "gaussian_ts", "metric": "mse",
+            "weight_metric": "auto", "balance": "none", "recon": "none"}
 SEEDS = ("calib.seed", "recon.method.seed")
 
 
@@ -140,7 +141,7 @@ def _order(row: dict) -> tuple:
     """Bits, then the recipe (simplest first), then its seeds: a recipe's seeds stand together."""
     recipe = [e for e in _extra(row) if e.split("=")[0] not in SEEDS]
     seeds = [int(row[k]) if str(row[k]).isdigit() else 0 for k in SEEDS if k in row]
-    return BITS.index(row["bits"]) if row["bits"] in BITS else 9, len(recipe), recipe, seeds
+    return BITS.index(row["bits"]) if row["bits"] in BITS else 9, len(recipe), natural_key(recipe), seeds
 
 
 def _extra(row: dict) -> list[str]:
@@ -148,7 +149,7 @@ def _extra(row: dict) -> list[str]:
     key, the calibration seeds last."""
     presets = [f"{k}={row[k]}" for k, default in DEFAULTS.items() if row.get(k) not in (None, "", default)]
     keys = [f"{k}={v}" for k, v in sorted(row.items()) if "." in k and k not in SEEDS
-            and k.split(".")[0] in (*DEFAULTS, "eval")]
+            and k.split(".")[0] in (*DEFAULTS, "bits", "eval")]
     return presets + keys + [f"{k}={row[k]}" for k in SEEDS if k in row]
 
 

@@ -2,24 +2,32 @@
 
 Headline numbers are worth a claim only over calibration seeds (at W8A8 on small_cifar10 the seed moved FID over FP
 more than any preset did), so a sweep that runs a recipe at several ``calib.seed`` / ``recon.method.seed`` values
-gets this table beside its summary (``summary_seeds.md`` / ``.csv``) instead of means worked out by hand. Jobs are
-one recipe when their overrides are equal once the seeds and the keys that change no number (logging, paths,
-progress bars, the bootstrap's replicate count) are set aside.
+gets this table beside its summary (``summary_seeds.md`` / ``.csv``) instead of means worked out by hand.
+
+Jobs are one recipe when their overrides are equal once the seeds and the keys that change no number (logging,
+paths, progress bars, the bootstrap's replicate count) are set aside; values are compared as Hydra parses them
+(``true`` = ``True``, ``'a'`` = ``a``, ``+k=1`` = ``k=1``). An override that repeats a default still makes another
+recipe (the table sees overrides, not the composed config). The seeds are the ones each job ran with
+(``results.json``'s ``calibration_seeds``, resolved, interpolations included); for jobs older than that key, the seed
+overrides, "default" where there are none. A seed setting run more than once counts once, at the mean of its runs.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 
 # The calibration seeds: which samples the calibration set draws, and reconstruction's own draws.
 SEED_KEYS = ("calib.seed", "recon.method.seed")
 # Overrides that change no score: where things are written and read from, how they are logged and shown.
-NOT_RECIPE = ("experiment", "force", "progress", "logger", "output_dir", "fp_cache_dir", "data.root",
-              "metrics.inception_path", "metrics.fid_bootstrap")
+NOT_RECIPE = ("force", "progress", "logger", "output_dir", "fp_cache_dir", "data.root", "metrics.inception_path",
+              "metrics.fid_bootstrap")
 # Per metric, the statistics shown: the headline one in full, the others' mean and spread.
 METRICS = {"fid_over_fp": ("mean", "sd", "se", "min", "max"), "fid_vs_fp": ("mean", "sd"),
            "psnr_vs_fp": ("mean", "sd")}
@@ -27,50 +35,69 @@ METRICS = {"fid_over_fp": ("mean", "sd", "se", "min", "max"), "fid_vs_fp": ("mea
 
 @dataclass(frozen=True)
 class Job:
-    """What the table needs of one finished job: its overrides and its scores (None where not measured)."""
+    """What the table needs of one finished job: its recipe, its seeds (``key=value`` strings) and its scores
+    (None where not measured)."""
 
-    overrides: tuple[str, ...]
+    recipe: tuple[str, ...]
+    seeds: tuple[str, ...]
     scores: dict
 
 
 def job(record: dict) -> Job:
     """A finished job's record (its results.json, or a collected jobs.json entry) as the table reads it; FID over FP
     from the two FIDs for jobs older than its own key."""
+    recipe, seed_overrides = recipe_and_seeds(record.get("overrides", []))
+    resolved = record.get("calibration_seeds")
+    seeds = tuple(f"{k}={resolved[k]}" for k in SEED_KEYS if resolved.get(k) is not None) if resolved \
+        else seed_overrides
     q, fp = record.get("quantized") or {}, record.get("fp") or {}
     over = q.get("fid_over_fp")
     if over is None and q.get("fid") is not None and fp.get("fid") is not None:
         over = q["fid"] - fp["fid"]
-    return Job(tuple(record.get("overrides", [])),
-               {"fid_over_fp": over, "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
+    return Job(recipe, seeds, {"fid_over_fp": over, "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
 
 
 def recipe_and_seeds(overrides: tuple[str, ...] | list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(the overrides that make the recipe, the seed overrides), each as sorted ``key=value`` strings with
-    Hydra's spelling of the values (``true`` and ``True`` are one recipe)."""
+    """(the overrides that make the recipe, the seed overrides), each as sorted ``key=value`` strings in one
+    spelling per value; an override Hydra cannot parse is kept as written."""
     recipe, seeds = [], []
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
-        key = o.get_key_element()
-        if key.lstrip("+~") in NOT_RECIPE:
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (o,) = parser.parse_overrides([text])
+            key = o.get_key_element().lstrip("+")
+            value = o.value()  # parsed: a string as written, anything else in one JSON spelling
+            value = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        except (HydraException, ValueError):
+            key, _, value = text.partition("=")
+            key = key.lstrip("+")
+        if key.lstrip("~") in NOT_RECIPE:
             continue
-        (seeds if key.lstrip("+~") in SEED_KEYS else recipe).append(f"{key}={o.get_value_element_as_str()}")
+        (seeds if key in SEED_KEYS else recipe).append(f"{key}={value}")
     return tuple(sorted(recipe)), tuple(sorted(seeds))
 
 
 def over_seeds(jobs: list[Job], min_seeds: int = 2) -> list[dict]:
-    """One row per recipe run at ``min_seeds`` or more seed settings: n, the seeds, and per metric the mean, the
-    sample standard deviation, the mean's standard error (sd / sqrt(n)) and the range."""
-    groups: dict[tuple[str, ...], list[tuple[tuple[str, ...], dict]]] = {}
-    for job in jobs:
-        recipe, seeds = recipe_and_seeds(job.overrides)
-        groups.setdefault(recipe, []).append((seeds, job.scores))
+    """One row per recipe run at ``min_seeds`` or more seed settings: n (seed settings), the seeds, and per
+    metric the mean, the sample standard deviation, the mean's standard error (sd / sqrt(n)) and the range. Scores
+    that are missing or not finite are left out of their metric."""
+    groups: dict[tuple[str, ...], dict[tuple[str, ...], list[dict]]] = {}
+    for j in jobs:
+        groups.setdefault(j.recipe, {}).setdefault(j.seeds, []).append(j.scores)
     rows = []
-    for recipe, members in groups.items():
-        if len(members) < min_seeds:
+    for recipe, by_seed in groups.items():
+        if len(by_seed) < min_seeds:
             continue
-        row = {"recipe": " ".join(recipe) or "(defaults)", "n": len(members),
-               "seeds": ", ".join(seed_label(s) for s, _ in members)}
+        settings = sorted(by_seed, key=natural_key)
+        row = {"recipe": " ".join(recipe) or "(defaults)", "n": len(settings),
+               "seeds": ", ".join(seed_label(s) + (f" (x{len(by_seed[s])})" if len(by_seed[s]) > 1 else "")
+                                  for s in settings)}
         for metric, shown in METRICS.items():
-            values = [s[metric] for _, s in members if s.get(metric) is not None]
+            values = []
+            for s in settings:  # one value per seed setting: the mean of its runs
+                runs = [r[metric] for r in by_seed[s] if r.get(metric) is not None and math.isfinite(r[metric])]
+                if runs:
+                    values.append(statistics.fmean(runs))
             if len(values) < 2:
                 continue
             sd = statistics.stdev(values)
@@ -78,15 +105,21 @@ def over_seeds(jobs: list[Job], min_seeds: int = 2) -> list[dict]:
                      "min": min(values), "max": max(values)}
             row.update({f"{metric}_{k}": stats[k] for k in shown})
         rows.append(row)
-    return sorted(rows, key=lambda r: r["recipe"])
+    return sorted(rows, key=lambda r: natural_key((r["recipe"],)))
 
 
 def seed_label(seeds: tuple[str, ...]) -> str:
-    """``7`` when every seed key is 7, ``default`` without seed overrides, else the overrides themselves."""
-    values = {s.split("=", 1)[1] for s in seeds}
+    """``7`` when every seed key present is 7, ``default`` without any, else the ``key=value`` pairs."""
     if not seeds:
         return "default"
-    return values.pop() if len(values) == 1 else " ".join(seeds)
+    values = {s.split("=", 1)[1] for s in seeds}
+    return values.pop() if len(values) == 1 and len(seeds) == len(SEED_KEYS) else " ".join(seeds)
+
+
+def natural_key(parts: tuple[str, ...]) -> list[tuple]:
+    """A sort key that orders numbers by value (iters=5000 before iters=10000); per part, text and numbers
+    alternate, so like compares with like."""
+    return [tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)) for p in parts]
 
 
 def columns(rows: list[dict]) -> list[str]:

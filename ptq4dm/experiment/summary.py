@@ -122,6 +122,7 @@ def write_summary(sweep_dir: str | Path, every_folder: bool = False) -> str | No
     jobs, others = _jobs(sweep_dir, every_folder)
     rows = _rows(jobs)
     if not rows:
+        write_seed_summary(sweep_dir, jobs)  # removes a seed table an earlier sweep left
         return None
     settings = sorted({k for row in rows for k in row if "." in k})
     varied = [a for a in [*AXES, *settings] if len({row.get(a) for row in rows}) > 1] or ["calib", "metric"]
