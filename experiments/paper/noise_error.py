@@ -142,6 +142,10 @@ PRECISION = {
     "w8a8 smoothquant": ["balance=smoothquant"],
     "w4a8 weight_metric=mse split smoothquant": ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true",
                                                 "balance=smoothquant"],
+    # after reconstruction the 4-bit weights' error is smaller, so bf16's share of what is left may be larger
+    f"w4a8 weight_metric=mse split smoothquant, qdrop {STEPS} steps": [
+        "bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant", "recon=qdrop",
+        f"recon.method.iters={STEPS}"],
 }
 
 
