@@ -39,6 +39,7 @@ from ptq4dm.evaluation import SamplingModule, SeedDataModule, generate_images
 from ptq4dm.experiment.fp_cache import FPCacheEntry, extractor_key, fp_cache_entry, scores_key
 from ptq4dm.experiment.job import JobFolder
 from ptq4dm.experiment.module import PTQModule
+from ptq4dm.experiment.over_seeds import SEED_KEYS
 from ptq4dm.experiment.provenance import deciding, device_name, provenance
 from ptq4dm.experiment.recipe import AXES, PTQRecipe, recipe_from_config
 from ptq4dm.experiment.summary import record_job
@@ -389,8 +390,7 @@ def run(cfg: DictConfig) -> dict:
         "inception_input": scored_as,  # "1 channel repeated to 3" for grayscale images
         "seed": cfg.seed,
         # the calibration seeds as resolved (interpolations and defaults included): the seed table groups by them
-        "calibration_seeds": {"calib.seed": OmegaConf.select(cfg, "calib.seed", default=None),
-                              "recon.method.seed": OmegaConf.select(cfg, "recon.method.seed", default=None)},
+        "calibration_seeds": {k: OmegaConf.select(cfg, k, default=None) for k in SEED_KEYS},
         "device": device_name(device),
     }
     n = cfg.eval.grid_size

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from ptq4dm.experiment import over_seeds
-from ptq4dm.experiment.over_seeds import natural_key
 from ptq4dm.experiment.results import load_all
 from ptq4dm.utils.table import markdown_table
 
@@ -134,14 +133,14 @@ def main_table(rows: list[dict]) -> str:
 # main_10k's method: a row names the presets it changes and every single key it sets (seeds last).
 DEFAULTS = {"model": "small_cifar10", "sampler": "ddim-100", "ops": "ptq4dm", "calib": "gaussian_ts", "metric": "mse",
             "weight_metric": "auto", "balance": "none", "recon": "none"}
-SEEDS = ("calib.seed", "recon.method.seed")
+SEEDS = over_seeds.SEED_KEYS
 
 
 def _order(row: dict) -> tuple:
     """Bits, then the recipe (simplest first), then its seeds: a recipe's seeds stand together."""
     recipe = [e for e in _extra(row) if e.split("=")[0] not in SEEDS]
     seeds = [int(row[k]) if str(row[k]).isdigit() else 0 for k in SEEDS if k in row]
-    return BITS.index(row["bits"]) if row["bits"] in BITS else 9, len(recipe), natural_key(recipe), seeds
+    return BITS.index(row["bits"]) if row["bits"] in BITS else 9, len(recipe), over_seeds.natural_key(recipe), seeds
 
 
 def _extra(row: dict) -> list[str]:

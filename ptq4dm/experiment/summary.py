@@ -127,17 +127,21 @@ def write_summary(sweep_dir: str | Path, every_folder: bool = False) -> str | No
     settings = sorted({k for row in rows for k in row if "." in k})
     varied = [a for a in [*AXES, *settings] if len({row.get(a) for row in rows}) > 1] or ["calib", "metric"]
     columns = ["job", *varied, "status", "fp_fid", *METRICS] + (["error"] if any("error" in r for r in rows) else [])
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(sweep_dir / "summary.csv", buf.getvalue())
+    _write_csv(sweep_dir / "summary.csv", rows, columns)
     table = markdown_table(rows, columns)
     if others:
         table += f"\n\n({others} job folder(s) from earlier sweeps in {sweep_dir} are not part of this sweep)"
     atomic_write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir}\n\n{table}\n")
     seeds = write_seed_summary(sweep_dir, jobs)
     return table if seeds is None else f"{table}\n\nOver calibration seeds (summary_seeds.md):\n{seeds}"
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_seed_summary(sweep_dir: Path, jobs: list[tuple[str, dict, str]]) -> str | None:
@@ -152,11 +156,7 @@ def write_seed_summary(sweep_dir: Path, jobs: list[tuple[str, dict, str]]) -> st
             path.unlink(missing_ok=True)
         return None
     columns = over_seeds.columns(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(paths[0], buf.getvalue())
+    _write_csv(paths[0], rows, columns)
     table = markdown_table(rows, columns)
     atomic_write_text(paths[1], f"# Sweep {sweep_dir}: recipes over calibration seeds\n\nMean, sample standard "
                       f"deviation, the mean's standard error (sd / sqrt(n)) and the range over the seeds.\n\n"
