@@ -35,6 +35,7 @@
 # experiments/reconstruction/gpu_smoke.py (the FID network is not needed for it).
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped, and its jobs that had finished
 #                calibrating (reconstruction included) but not sampling resume from their saved calibration
+#                (carried with the start call: tracked tree ~52 MiB + .whl 6.6 MiB + this must stay under 64 MiB)
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
 set -uo pipefail
