@@ -10,9 +10,11 @@ held-out inputs from the FP model's own DDIM trajectories (time steps uniform ov
     python experiments/paper/noise_error.py act_stage > experiments/results/act_stage_proxy_cpu.txt
     python experiments/paper/noise_error.py balance_center > experiments/results/balance_center_proxy_cpu.txt
     python experiments/paper/noise_error.py precision > experiments/results/simulation_precision_cpu.txt
+    python experiments/paper/noise_error.py w4a8_groups > experiments/results/w4a8_groups_proxy_cpu.txt
 
 Each variant is a list of Hydra overrides on top of the small CPU sizes below; edit VARIANTS (or the set of
-another mode: BALANCE, BALANCE_QUANTILE, TIMESTEPS, TIMESTEP_GROUPS, ACT_STAGE, BALANCE_CENTER, PRECISION) to add
+another mode: BALANCE, BALANCE_QUANTILE, TIMESTEPS, TIMESTEP_GROUPS, ACT_STAGE, BALANCE_CENTER, PRECISION,
+W4A8_GROUPS) to add
 one. The calibration seconds are wall time on
 whatever else the machine was doing.
 """
@@ -148,6 +150,27 @@ PRECISION = {
         f"recon.method.iters={STEPS}"],
 }
 
+# Where W4A8's error lives once the best recipe's start is in place: groups of layers left in full precision one
+# at a time (diagnostics, not W4A8 any more). The temporal path (time embedding and every block's time_emb_proj)
+# sees only the sampler's finite set of time steps, so it could be reconstructed exactly over that set (TFMQ-DM,
+# Huang et al. 2024): worth building only if it holds a real share of the error.
+W4A8 = ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant"]
+W4A8_GROUPS = {
+    "w4a8 weight_metric=mse split smoothquant": W4A8,
+    "  FP: temporal path (time embedding + time_emb_proj)": W4A8 + ['ops.exclude=["time_embedding.*","*.time_emb_proj"]'],
+    "  FP: attention": W4A8 + ['ops.exclude=["*attentions*"]'],
+    "  FP: conv_shortcut (skip concat readers)": W4A8 + ['ops.exclude=["*.conv_shortcut"]'],
+    "  FP: resnet conv1": W4A8 + ['ops.exclude=["*.conv1"]'],
+    "  FP: resnet conv2": W4A8 + ['ops.exclude=["*.conv2"]'],
+    "  FP: down_blocks": W4A8 + ['ops.exclude=["down_blocks.*"]'],
+    "  FP: mid_block": W4A8 + ['ops.exclude=["mid_block.*"]'],
+    "  FP: up_blocks.3 (32x32 decoder)": W4A8 + ['ops.exclude=["up_blocks.3.*"]'],
+    "  activations FP (w4a32)": W4A8[1:] + ["bits=w4a32"],
+    f"w4a8 weight_metric=mse split smoothquant, qdrop {STEPS} steps": W4A8 + ["recon=qdrop", f"recon.method.iters={STEPS}"],
+    f"  FP: temporal path, qdrop {STEPS} steps": W4A8 + ['ops.exclude=["time_embedding.*","*.time_emb_proj"]',
+                                                        "recon=qdrop", f"recon.method.iters={STEPS}"],
+}
+
 
 def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 1000)), held_out_n: int = 40,
          precisions=("fp32",)) -> None:
@@ -184,7 +207,7 @@ def main(variants: dict[str, list[str]] = VARIANTS, windows=((0, 200), (200, 100
 if __name__ == "__main__":
     sets = {"": VARIANTS, "balance": BALANCE, "balance_quantile": BALANCE_QUANTILE, "timesteps": TIMESTEPS,
             "timestep_groups": TIMESTEP_GROUPS, "act_stage": ACT_STAGE,
-            "balance_center": BALANCE_CENTER, "precision": PRECISION}
+            "balance_center": BALANCE_CENTER, "precision": PRECISION, "w4a8_groups": W4A8_GROUPS}
     mode, only = (sys.argv[1] if sys.argv[1:] else ""), sys.argv[2:]  # e.g. "act_stage 4 5": those variants only
     if mode not in sets:
         sys.exit(f"mode {mode!r}: allowed are {sorted(m for m in sets if m)} or none (the default variants)")
