@@ -140,28 +140,31 @@ def test_the_default_gpu_queue_with_the_shared_points_runs_every_paper_sweep_who
 
 
 def test_gpu_session_packs_finished_results_and_the_calibrations_of_unfinished_jobs(tmp_path):
-    """What a poll brings back, to be carried to the next machine as .gpu_done: every finished job's results, and
-    of a job that calibrated but did not finish its saved calibration (so it resumes instead of reconstructing
-    again); never image shards, and no checkpoint of a finished job."""
+    """What a poll brings back, to be carried to the next machine as .gpu_done: every job's results.json, and the
+    saved calibration of each job that calibrated but did not finish (still sampling, or failed after calibrating),
+    so that it resumes instead of reconstructing again; never image shards, nor a finished job's checkpoint. Job
+    names stay whole (commas, '=', even a space)."""
     state, out = tmp_path / "state", tmp_path / "out"
     sweep = state / "multirun" / "main_10k"
-    done, unfinished = sweep / "bits=w4a8,recon=qdrop", sweep / "bits=w8a8,calib.seed=7,recon=qdrop"
-    for job in (done, unfinished):
+    done, sampling = sweep / "bits=w4a8,recon=qdrop", sweep / "bits=w8a8,calib.seed=7,ops.exclude=[a b]"
+    failed = sweep / "bits=w8a8,recon=brecq"
+    for job in (done, sampling, failed):
         for name in ("calibration.json", "quantization.safetensors", "ranges.csv", "reconstruction.csv",
                      "samples/0123/shard.npz"):
             (job / name).parent.mkdir(parents=True, exist_ok=True)
             (job / name).write_text(name)
-    (done / "results.json").write_text("{}")
+    (done / "results.json").write_text(json.dumps({"status": "ok"}, indent=2))
+    (failed / "results.json").write_text(json.dumps({"status": "failed"}, indent=2))
     (sweep / "bits=w4a4,recon=qdrop").mkdir()  # still calibrating: nothing to carry
     (state / "queue.log").write_text("QUEUE DONE\n")
     subprocess.run(["bash", str(REPO / "experiments" / "paper" / "gpu_session.sh"), "poll", "0"], check=True,
                    env={**os.environ, "STATE": str(state), "OUT": str(out)}, capture_output=True)
     with tarfile.open(out / "results.tgz") as tar:
         packed = {name for name in tar.getnames() if name.startswith("multirun/")}
-    job = "multirun/main_10k/"
-    assert packed == {job + done.name + "/results.json", job + done.name + "/reconstruction.csv",
-                      *(job + unfinished.name + "/" + name for name in
-                        ("calibration.json", "quantization.safetensors", "ranges.csv", "reconstruction.csv"))}
+    calibration = ("calibration.json", "quantization.safetensors", "ranges.csv", "reconstruction.csv")
+    assert packed == {f"multirun/main_10k/{job.name}/{name}" for job, names in
+                      ((done, ("results.json", "reconstruction.csv")), (sampling, calibration),
+                       (failed, ("results.json", *calibration))) for name in names}
 
 
 def test_collect_results_files_a_shared_job_under_the_sweep_that_reuses_it(tmp_path):

