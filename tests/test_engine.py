@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
@@ -15,7 +16,7 @@ from ptq4dm.calibration.calibset import CalibrationSet
 from ptq4dm.engine import PTQMethod, calibrate_network
 from ptq4dm.models import build_noise_scheduler
 from ptq4dm.quant import QuantConfig, QuantLayer, load_quantized, quantizers
-from ptq4dm.quant.api import execution_order, trace
+from ptq4dm.quant.api import execution_order, quantize_, trace
 from ptq4dm.utils.config import CONF_DIR
 from ptq4dm.utils.precision import denoiser
 from tests.test_run import SMALL
@@ -88,6 +89,14 @@ def test_what_stays_in_full_precision_is_listed_with_the_reason():
     result = _calibrate(OddNet(), QuantConfig(linear=False, exclude=("mix",)))
     reasons = {f.name: f.reason for f in result.full_precision}
     assert reasons["time"] == "ops.linear=false" and reasons["mix"] == "excluded by ops.exclude"
+
+
+def test_an_exclude_pattern_that_names_no_module_is_refused_before_anything_is_swapped():
+    net = OddNet()
+    with pytest.raises(ValueError, match=r"QuantConfig\.exclude=\['mx'\]: \['mx'\] match no module .* such as "
+                                         r"\['time', 'out', 'inp', 'mix', 'up'\]"):
+        quantize_(net, QuantConfig(exclude=("mx",)))
+    assert not any(isinstance(m, QuantLayer) for m in net.modules())
 
 
 def test_the_python_api_and_a_cli_job_make_the_same_quantized_network(tmp_path):

@@ -112,6 +112,11 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
     """
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("model is already quantized")
+    unmatched = unmatched_patterns(model, config.exclude)
+    if unmatched:  # the Python API's guard; ptq4dm.run says the same earlier, with the config key and the model
+        examples = [n for n, _ in model.named_modules() if n][:8]
+        raise ValueError(f"QuantConfig.exclude={list(config.exclude)}: {unmatched} match no module of this model; "
+                         f"allowed are fnmatch patterns of its module names, such as {examples}")
     names = quantizable_layers(model, config)
     weight_edges = act_edges = set()
     if config.first_last_bits and edge_roles is not None:  # a checkpoint's own choice
