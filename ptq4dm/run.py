@@ -59,7 +59,7 @@ from ptq4dm.models.factory import load_model, model_identity
 from ptq4dm.models.schedule import given_arguments
 from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.quant import save_quantized
-from ptq4dm.quant.api import unmatched_patterns
+from ptq4dm.quant.api import check_exclude
 from ptq4dm.quant.checkpoint import FILENAME as QUANT_CHECKPOINT
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import image_grid
@@ -310,12 +310,7 @@ def run(cfg: DictConfig) -> dict:
     stages: dict[str, float] = {}
     with stage("setup", stages):
         model = load_model(cfg.model)
-        unmatched = unmatched_patterns(model.unet, recipe.quant.exclude)
-        if unmatched:
-            names = [n for n, _ in model.unet.named_modules() if n][:8]
-            raise ValueError(f"ops.exclude={list(recipe.quant.exclude)}: {unmatched} match no module of "
-                             f"model={cfg.model.name}; allowed are fnmatch patterns of module names, such as "
-                             f"{names}")
+        check_exclude(model.unet, recipe.quant.exclude, key="ops.exclude", of=f"model={cfg.model.name}")
         if model.decoder is not None and recipe.calibration.source.needs_images:
             raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does "
                              "not take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "

@@ -139,25 +139,25 @@ BALANCE_CENTER = {
 # How much of the simulated error is the compute precision's: each variant's error against FP with both networks
 # in float32 and with both under bfloat16 autocast, as the GPU jobs sample (eval.precision=bf16). Calibrated in
 # float32 either way (the CPU's calibration precision).
+# main_10k's best W4A8 recipe as it starts (before its reconstruction)
+W4A8 = ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant"]
 PRECISION = {
     "w8a8 range search": [],
     "w8a8 smoothquant": ["balance=smoothquant"],
-    "w4a8 weight_metric=mse split smoothquant": ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true",
-                                                "balance=smoothquant"],
+    "w4a8 weight_metric=mse split smoothquant": W4A8,
     # after reconstruction the 4-bit weights' error is smaller, so bf16's share of what is left may be larger
-    f"w4a8 weight_metric=mse split smoothquant, qdrop {STEPS} steps": [
-        "bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant", "recon=qdrop",
-        f"recon.method.iters={STEPS}"],
+    f"w4a8 weight_metric=mse split smoothquant, qdrop {STEPS} steps": W4A8 + ["recon=qdrop",
+                                                                              f"recon.method.iters={STEPS}"],
 }
 
 # Where W4A8's error lives once the best recipe's start is in place: groups of layers left in full precision one
 # at a time (diagnostics, not W4A8 any more). The temporal path (time embedding and every block's time_emb_proj)
 # sees only the sampler's finite set of time steps, so it could be reconstructed exactly over that set (TFMQ-DM,
 # Huang et al. 2024): worth building only if it holds a real share of the error.
-W4A8 = ["bits=w4a8", "weight_metric=mse", "ops.shortcut_split=true", "balance=smoothquant"]
 W4A8_GROUPS = {
     "w4a8 weight_metric=mse split smoothquant": W4A8,
-    "  FP: temporal path (time embedding + time_emb_proj)": W4A8 + ['ops.exclude=["time_embedding.*","*.time_emb_proj"]'],
+    "  FP: temporal path (time embedding + time_emb_proj)": W4A8 + [
+        'ops.exclude=["time_embedding.*","*.time_emb_proj"]'],
     "  FP: attention": W4A8 + ['ops.exclude=["*attentions*"]'],
     "  FP: conv_shortcut (skip concat readers)": W4A8 + ['ops.exclude=["*.conv_shortcut"]'],
     "  FP: resnet conv1": W4A8 + ['ops.exclude=["*.conv1"]'],
@@ -166,7 +166,8 @@ W4A8_GROUPS = {
     "  FP: mid_block": W4A8 + ['ops.exclude=["mid_block.*"]'],
     "  FP: up_blocks.3 (32x32 decoder)": W4A8 + ['ops.exclude=["up_blocks.3.*"]'],
     "  activations FP (w4a32)": W4A8[1:] + ["bits=w4a32"],
-    f"w4a8 weight_metric=mse split smoothquant, qdrop {STEPS} steps": W4A8 + ["recon=qdrop", f"recon.method.iters={STEPS}"],
+    f"w4a8 weight_metric=mse split smoothquant, qdrop {STEPS} steps": W4A8 + ["recon=qdrop",
+                                                                              f"recon.method.iters={STEPS}"],
     f"  FP: temporal path, qdrop {STEPS} steps": W4A8 + ['ops.exclude=["time_embedding.*","*.time_emb_proj"]',
                                                         "recon=qdrop", f"recon.method.iters={STEPS}"],
 }

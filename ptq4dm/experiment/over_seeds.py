@@ -54,7 +54,8 @@ def job(record: dict) -> Job:
     over = q.get("fid_over_fp")
     if over is None and q.get("fid") is not None and fp.get("fid") is not None:
         over = q["fid"] - fp["fid"]
-    return Job(recipe, seeds, {"fid_over_fp": over, "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
+    return Job(recipe, seeds, {"fid_over_fp": over, "fid_over_fp_se": q.get("fid_over_fp_se"),
+                               "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
 
 
 def recipe_and_seeds(overrides: tuple[str, ...] | list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -77,27 +78,38 @@ def recipe_and_seeds(overrides: tuple[str, ...] | list[str]) -> tuple[tuple[str,
     return tuple(sorted(recipe)), tuple(sorted(seeds))
 
 
+def grouped(jobs: list[Job]) -> dict[tuple[str, ...], dict[tuple[str, ...], list[dict]]]:
+    """recipe -> seed setting (in natural order) -> the scores of each run at it."""
+    groups: dict[tuple[str, ...], dict[tuple[str, ...], list[dict]]] = {}
+    for j in jobs:
+        groups.setdefault(j.recipe, {}).setdefault(j.seeds, []).append(j.scores)
+    return {recipe: {s: by_seed[s] for s in sorted(by_seed, key=natural_key)} for recipe, by_seed in groups.items()}
+
+
+def per_seed(by_seed: dict[tuple[str, ...], list[dict]], metric: str) -> dict[tuple[str, ...], float]:
+    """One value of ``metric`` per seed setting: the mean of its runs' finite scores (settings without any left
+    out)."""
+    out = {}
+    for s, scores in by_seed.items():
+        runs = [r[metric] for r in scores if r.get(metric) is not None and math.isfinite(r[metric])]
+        if runs:
+            out[s] = statistics.fmean(runs)
+    return out
+
+
 def over_seeds(jobs: list[Job], min_seeds: int = 2) -> list[dict]:
     """One row per recipe run at ``min_seeds`` or more seed settings: n (seed settings), the seeds, and per
     metric the mean, the sample standard deviation, the mean's standard error (sd / sqrt(n)) and the range. Scores
     that are missing or not finite are left out of their metric."""
-    groups: dict[tuple[str, ...], dict[tuple[str, ...], list[dict]]] = {}
-    for j in jobs:
-        groups.setdefault(j.recipe, {}).setdefault(j.seeds, []).append(j.scores)
     rows = []
-    for recipe, by_seed in groups.items():
+    for recipe, by_seed in grouped(jobs).items():
         if len(by_seed) < min_seeds:
             continue
-        settings = sorted(by_seed, key=natural_key)
-        row = {"recipe": " ".join(recipe) or "(defaults)", "n": len(settings),
-               "seeds": ", ".join(seed_label(s) + (f" (x{len(by_seed[s])})" if len(by_seed[s]) > 1 else "")
-                                  for s in settings)}
+        row = {"recipe": recipe_label(recipe), "n": len(by_seed),
+               "seeds": ", ".join(seed_label(s) + (f" (x{len(runs)})" if len(runs) > 1 else "")
+                                  for s, runs in by_seed.items())}
         for metric, shown in METRICS.items():
-            values = []
-            for s in settings:  # one value per seed setting: the mean of its runs
-                runs = [r[metric] for r in by_seed[s] if r.get(metric) is not None and math.isfinite(r[metric])]
-                if runs:
-                    values.append(statistics.fmean(runs))
+            values = list(per_seed(by_seed, metric).values())
             if len(values) < 2:
                 continue
             sd = statistics.stdev(values)
@@ -106,6 +118,11 @@ def over_seeds(jobs: list[Job], min_seeds: int = 2) -> list[dict]:
             row.update({f"{metric}_{k}": stats[k] for k in shown})
         rows.append(row)
     return sorted(rows, key=lambda r: natural_key((r["recipe"],)))
+
+
+def recipe_label(recipe: tuple[str, ...]) -> str:
+    """A recipe as the table's ``recipe`` column names it."""
+    return " ".join(recipe) or "(defaults)"
 
 
 def seed_label(seeds: tuple[str, ...]) -> str:

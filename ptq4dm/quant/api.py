@@ -90,10 +90,14 @@ def edge_layers(names: list[str], traced: Trace | None) -> set[str]:
     return {first, executed[-1]}
 
 
-def unmatched_patterns(model: nn.Module, patterns) -> list[str]:
-    """The ``exclude`` patterns that name no module of ``model`` (a typo would quietly quantize everything)."""
+def check_exclude(model: nn.Module, patterns, key: str = "QuantConfig.exclude", of: str = "this model") -> None:
+    """Refuse ``exclude`` patterns that name no module of ``model`` (a typo would quietly quantize everything);
+    ``key`` and ``of`` say in the message which setting and which model (``ops.exclude``, ``model=<name>``)."""
     names = [name for name, _ in model.named_modules() if name]
-    return [p for p in patterns if not any(fnmatch.fnmatch(n, p) for n in names)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatch(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"{key}={list(patterns)}: {unmatched} match no module of {of}; allowed are fnmatch "
+                         f"patterns of module names, such as {names[:8]}")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -112,11 +116,7 @@ def quantize_(model: nn.Module, config: QuantConfig, traced: Trace | None = None
     """
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("model is already quantized")
-    unmatched = unmatched_patterns(model, config.exclude)
-    if unmatched:  # the Python API's guard; ptq4dm.run says the same earlier, with the config key and the model
-        examples = [n for n, _ in model.named_modules() if n][:8]
-        raise ValueError(f"QuantConfig.exclude={list(config.exclude)}: {unmatched} match no module of this model; "
-                         f"allowed are fnmatch patterns of its module names, such as {examples}")
+    check_exclude(model, config.exclude)  # ptq4dm.run checks the same earlier, naming ops.exclude and the model
     names = quantizable_layers(model, config)
     weight_edges = act_edges = set()
     if config.first_last_bits and edge_roles is not None:  # a checkpoint's own choice
