@@ -274,6 +274,13 @@ def log_job(logger, cfg: DictConfig, results: dict, ranges: list[RangeChoice], g
         logger.log_image("samples", images=list(grids.values()), caption=list(grids))
 
 
+# recon.method keys added to the presets after jobs had run with them, each with the value that computes what those
+# jobs computed and the keys that only matter beside it: at that value they stay out of the digest, so the jobs
+# are still recognised as done.
+RECON_KEYS_ADDED_LATER = {"held_out": (0, ()), "learn_weight_scale": (False, ("weight_scale_lr",)),
+                          "learn_weights": (True, ()), "act_lr_schedule": ("constant", ())}
+
+
 def config_digest(cfg: DictConfig) -> str:
     """What a job computes, as a hash: the resolved config without where it writes and how it reports."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
@@ -283,11 +290,10 @@ def config_digest(cfg: DictConfig) -> str:
     if (keep.get("balance") or {}).get("method") is None:  # added later; none computes what jobs before it did
         keep.pop("balance", None)
     method = (keep.get("recon") or {}).get("method") or {}
-    if method.get("held_out") == 0:  # added later; 0 computes what jobs before it computed
-        method.pop("held_out")
-    if method.get("learn_weight_scale") is False:  # added later; off, the rate is unused: as jobs before them
-        method.pop("learn_weight_scale")
-        method.pop("weight_scale_lr", None)
+    for key, (default, companions) in RECON_KEYS_ADDED_LATER.items():
+        if key in method and method[key] == default and type(method[key]) is type(default):
+            for gone in (key, *companions):
+                method.pop(gone, None)
     keep["metrics"].pop("fid_bootstrap", None)  # added later; it adds a standard error, the scores are the same
     if keep["model"].get("factory") is not None and isinstance(keep["model"].get("scheduler"), dict):
         keep["model"]["scheduler"] = given_arguments(keep["model"]["scheduler"])  # null: not given (added later)

@@ -1,5 +1,6 @@
 """The table of recipes over calibration seeds (ptq4dm.experiment.over_seeds) and the sweep summary's copy of it."""
 
+import csv
 import json
 import math
 import statistics
@@ -77,6 +78,8 @@ def test_the_sweep_summary_writes_the_seed_table_and_drops_a_stale_one(tmp_path)
     write("bits=w8a8,calib.seed=8", ["bits=w8a8", "calib.seed=8"], 30.0, status="failed")
     table = write_summary(tmp_path, every_folder=True)
     assert "Over calibration seeds" in table
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert float(rows["bits=w8a8,calib.seed=7"]["fid_over_fp"]) == pytest.approx(0.3)  # in the job table too
     lines = (tmp_path / "summary_seeds.csv").read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith("bits=w8a8,2,\"default, calib.seed=7\",0.4")
     for name in ("bits=w8a8,calib.seed=7", "bits=w8a8,calib.seed=8"):

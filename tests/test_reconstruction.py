@@ -199,10 +199,12 @@ def test_held_out_must_leave_samples_to_train_on():
 
 @pytest.mark.parametrize("off, on, added", [("held_out=0", "held_out=64", ["held_out"]),
                                             ("learn_weight_scale=false", "learn_weight_scale=true",
-                                             ["learn_weight_scale", "weight_scale_lr"])])
+                                             ["learn_weight_scale", "weight_scale_lr"]),
+                                            ("act_lr_schedule=constant", "act_lr_schedule=cosine", ["act_lr_schedule"]),
+                                            ("learn_weights=true", "learn_weights=false", ["learn_weights"])])
 def test_keys_added_later_keep_the_digest_of_jobs_made_before_them(off, on, added):
-    """Jobs finished before recon.method.held_out (or learn_weight_scale and its rate) existed are still recognised
-    as done; the key's other value is another job."""
+    """Jobs finished before recon.method.held_out (or learn_weight_scale and its rate, or act_lr_schedule and
+    learn_weights in the qdrop preset) existed are still recognised as done; the key's other value is another job."""
     from omegaconf import OmegaConf
 
     from ptq4dm.run import config_digest

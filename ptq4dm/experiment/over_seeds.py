@@ -50,12 +50,18 @@ def job(record: dict) -> Job:
     resolved = record.get("calibration_seeds")
     seeds = tuple(f"{k}={resolved[k]}" for k in SEED_KEYS if resolved.get(k) is not None) if resolved \
         else seed_overrides
+    q = record.get("quantized") or {}
+    return Job(recipe, seeds, {"fid_over_fp": fid_over_fp(record), "fid_over_fp_se": q.get("fid_over_fp_se"),
+                               "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
+
+
+def fid_over_fp(record: dict) -> float | None:
+    """A job record's FID over FP: its own key, or for jobs older than that key the difference of the two FIDs."""
     q, fp = record.get("quantized") or {}, record.get("fp") or {}
     over = q.get("fid_over_fp")
     if over is None and q.get("fid") is not None and fp.get("fid") is not None:
         over = q["fid"] - fp["fid"]
-    return Job(recipe, seeds, {"fid_over_fp": over, "fid_over_fp_se": q.get("fid_over_fp_se"),
-                               "fid_vs_fp": q.get("fid_vs_fp"), "psnr_vs_fp": q.get("psnr_vs_fp")})
+    return over
 
 
 def recipe_and_seeds(overrides: tuple[str, ...] | list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

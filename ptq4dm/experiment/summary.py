@@ -101,7 +101,9 @@ def _rows(jobs: list[tuple[str, dict, str]]) -> list[dict]:
         row = {"job": name, **r.get("axes", {}), **_settings(r.get("overrides", [])), "status": status}
         quantized, fp = (r.get("quantized", {}), r.get("fp", {})) if status == "ok" else ({}, {})
         row["fp_fid"] = fp.get("fid")
-        row.update({m: quantized.get(m, r.get("timings", {}).get(m)) for m in METRICS} if status == "ok" else {})
+        if status == "ok":
+            row.update({m: quantized.get(m, r.get("timings", {}).get(m)) for m in METRICS})
+            row["fid_over_fp"] = over_seeds.fid_over_fp(r)  # also for jobs older than its key
         if status != "ok":
             row["error"] = r.get("error", "")[:120]
         rows.append(row)
