@@ -6,7 +6,10 @@ instead, without recalibrating. Writes ``results.json``, the resolved ``config.y
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptq4dm.diffusion import Sampler
 from ptq4dm.evaluation import SamplingModule, generate_images
 from ptq4dm.metrics import make_extractor
+from ptq4dm.metrics.fidelity import check_metric_files
 from ptq4dm.metrics.scoring import (
     image_statistics,
     inception_scores,
@@ -25,9 +29,12 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
+from ptq4dm.experiment.job import file_digest
 from ptq4dm.experiment.provenance import device_name, provenance
 from ptq4dm.experiment.recipe import check_job
 from ptq4dm.models.factory import load_model, model_identity
+from ptq4dm.quant.checkpoint import checkpoint_path
+from ptq4dm.quant.config import QuantConfig
 from ptq4dm.quant import checkpoint_source, load_quantized, quantizes_decoder, read_quant_config, set_fused_kernels
 from ptq4dm.quant.sampler_outputs import SamplerOutputQuantizer
 from ptq4dm.utils.config import save_resolved_config
@@ -57,11 +64,44 @@ def check_quantized_source(cfg: DictConfig) -> None:
                              f"is the model it was made for")
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    torch.set_float32_matmul_precision("high")
-    check_job(cfg)  # values in range, before anything is loaded
+# What one evaluation writes in its folder besides its image shards; an earlier run's are moved aside, not replaced.
+OUTPUTS = ("results.json", "config.yaml", "samples.png")
+
+
+def set_aside_earlier_results(out: Path) -> Path | None:
+    """An earlier evaluation's results in ``out`` (a reused ``output_dir`` or ``hydra.run.dir``) go to
+    ``superseded/<UTC time>/``: nothing already computed is replaced."""
+    if not (out / "results.json").exists():
+        return None
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
+    target, n = out / "superseded" / stamp, 1
+    while target.exists():
+        target, n = out / "superseded" / f"{stamp}-{n}", n + 1
+    target.mkdir(parents=True)
+    for name in OUTPUTS:
+        if (out / name).exists():
+            (out / name).rename(target / name)
+    log.warning("an earlier evaluation's results in %s moved to %s", out, target)
+    return target
+
+
+def images_key(cfg: DictConfig) -> str:
+    """A digest of what decides the sampled images (model files, quantized checkpoint, sampler, seed, precision,
+    batching): their shards are kept under it, so a run never scores another run's images."""
+    quantized = file_digest(checkpoint_path(cfg.quantized)) if cfg.quantized else None
+    decides = {"model": model_identity(cfg.model), "quantized": quantized,
+               "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": cfg.seed,
+               "precision": str(cfg.eval.precision), "compile": bool(cfg.eval.compile),
+               "batch_size": cfg.eval.batch_size}
+    return hashlib.sha1(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checked_inputs(cfg: DictConfig) -> QuantConfig | None:
+    """Values in range, the quantized checkpoint (its config, None without one) made for this model, and the metric
+    files: checked before anything is loaded or written."""
+    check_job(cfg)
     quant_config = None
-    if cfg.quantized:  # a wrong path fails here, before anything is loaded
+    if cfg.quantized:
         try:
             quant_config = read_quant_config(cfg.quantized)
         except FileNotFoundError as err:
@@ -69,8 +109,17 @@ def evaluate(cfg: DictConfig) -> dict:
         except ValueError as err:
             raise ValueError(f"quantized={cfg.quantized!r}: {err}") from err
         check_quantized_source(cfg)
+    check_metric_files(cfg.metrics.inception_path, cfg.metrics.isc_weights_path)
+    return quant_config
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    torch.set_float32_matmul_precision("high")
+    quant_config = checked_inputs(cfg)
     out = Path(cfg.output_dir)
+    set_aside_earlier_results(out)
     save_resolved_config(cfg, out)
+    shards = out / "samples" / images_key(cfg)  # only a run that makes the same images resumes from them
     model = load_model(cfg.model)
     sampler = Sampler(model.scheduler, **cfg.sampler)
     extractor = make_extractor(metrics_device(cfg.trainer), cfg.metrics.inception_path)
@@ -92,7 +141,7 @@ def evaluate(cfg: DictConfig) -> dict:
         load_quantized(model.unet, cfg.quantized, extra, decoder)
         set_fused_kernels(model.unet, not cfg.eval.compile)
         sampling.output_quantizer = extra
-    images = generate_images(sampling, cfg.eval.num_samples, cfg.eval.batch_size, out / "samples", trainer_kwargs)
+    images = generate_images(sampling, cfg.eval.num_samples, cfg.eval.batch_size, shards, trainer_kwargs)
     if images is None:  # a non-zero DDP rank: rank 0 scores and writes
         return {}
     sampling_seconds = time.perf_counter() - t0
@@ -122,6 +171,11 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    try:
+        checked_inputs(cfg)  # cheap; evaluate checks again
+    except (ValueError, FileNotFoundError) as err:  # the config or a file: one line, no traceback
+        print(f"error: {err}\n(nothing was computed)", file=sys.stderr)
+        sys.exit(2)
     evaluate(cfg)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -44,6 +45,7 @@ from ptq4dm.experiment.provenance import deciding, device_name, provenance
 from ptq4dm.experiment.recipe import AXES, PTQRecipe, recipe_from_config
 from ptq4dm.experiment.summary import record_job
 from ptq4dm.metrics import make_extractor
+from ptq4dm.metrics.fidelity import check_metric_files
 from ptq4dm.metrics.reference import load_statistics, reference_fingerprint, save_statistics, statistics_digest
 from ptq4dm.metrics.scoring import (
     fid_over_fp,
@@ -64,7 +66,7 @@ from ptq4dm.quant.checkpoint import FILENAME as QUANT_CHECKPOINT
 from ptq4dm.utils.config import save_resolved_config
 from ptq4dm.utils.images import image_grid
 from ptq4dm.utils.io import atomic_write_json, atomic_write_text
-from ptq4dm.utils.loggers import finish_logger, make_logger
+from ptq4dm.utils.loggers import check_logger, finish_logger, make_logger
 from ptq4dm.utils.table import markdown_table
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def prepare_job_folder(job: JobFolder, record: dict, force: bool) -> tuple[dict 
         return None, None
     saved = None if force else job.calibration(record, QUANT_CHECKPOINT)
     if saved is None:
-        job.clear_unfinished()
+        job.clear_unfinished("force=true" if force else "made under another config, code or inputs, or incomplete")
     else:
         log.info("resuming %s with its saved calibration (%s)", job.path, QUANT_CHECKPOINT)
         job.prune_samples(job.samples_dir(saved))
@@ -300,9 +302,19 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run(cfg: DictConfig) -> dict:
+def checked_recipe(cfg: DictConfig) -> PTQRecipe:
+    """Every axis validated and the input files and logger checked, before the job folder is touched or anything
+    heavy happens: an error here is the user's config or file, not the job's."""
+    recipe = recipe_from_config(cfg)
+    check_metric_files(cfg.metrics.inception_path, cfg.metrics.isc_weights_path)
+    check_logger(cfg.logger)
+    return recipe
+
+
+def run(cfg: DictConfig, recipe: PTQRecipe | None = None) -> dict:
+    """One job; ``recipe``: ``checked_recipe(cfg)`` if the caller has it already."""
     started = time.perf_counter()
-    recipe = recipe_from_config(cfg)  # validates every axis before anything heavy happens
+    recipe = checked_recipe(cfg) if recipe is None else recipe
     device = metrics_device(cfg.trainer)
     record = job_record(cfg, recipe, device)
     job, rank_zero = JobFolder(cfg.output_dir), is_rank_zero()
@@ -468,8 +480,11 @@ def _record_in_sweep(cfg: DictConfig, status: str, outcome: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
 def main(cfg: DictConfig) -> None:
+    checked = False
     try:
-        run(cfg)
+        recipe = checked_recipe(cfg)
+        checked = True
+        run(cfg, recipe)
     except Exception as err:
         outcome = record_failure(cfg, err) if is_rank_zero() else None
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep; its end says so
@@ -477,6 +492,9 @@ def main(cfg: DictConfig) -> None:
             if outcome is not None:
                 _record_in_sweep(cfg, "failed", outcome)
             return
+        if not checked and isinstance(err, (ValueError, FileNotFoundError)):  # the config or a file: no traceback
+            print(f"error: {err}\n(nothing was computed; recorded in {outcome})", file=sys.stderr)
+            sys.exit(2)
         raise
     _record_in_sweep(cfg, "ok", Path(cfg.output_dir) / "results.json")
 

@@ -97,10 +97,20 @@ def test_evaluate_samples_a_saved_quantized_model_without_recalibrating(random_m
     _evaluate_cli_in_process(monkeypatch, f"model.pretrained={random_model_dir}", f"quantized={job}",
                              f"data.root={image_folder_root}", "eval.num_samples=4", "eval.batch_size=4",
                              "sampler.steps=3", "metrics.kid_subset_size=4", f"hydra.run.dir={run}")
-    got = load_shards(run / "samples", 4)
+    (shards,) = (run / "samples").iterdir()  # one folder per set of images (model, checkpoint, sampler, seed, ...)
+    got = load_shards(shards, 4)
     assert torch.equal(got, expected)
     assert not torch.equal(got, unquantized)
     assert json.loads((run / "results.json").read_text())["quantized"] == str(job)
+
+    # the same folder again with another seed: other images, sampled afresh; the first results are kept aside
+    _evaluate_cli_in_process(monkeypatch, f"model.pretrained={random_model_dir}", f"quantized={job}",
+                             f"data.root={image_folder_root}", "eval.num_samples=4", "eval.batch_size=4",
+                             "sampler.steps=3", "metrics.kid_subset_size=4", f"hydra.run.dir={run}", "seed=1")
+    assert len(list((run / "samples").iterdir())) == 2 and torch.equal(load_shards(shards, 4), expected)
+    (aside,) = (run / "superseded").iterdir()
+    assert json.loads((aside / "results.json").read_text())["seed"] == 0
+    assert json.loads((run / "results.json").read_text())["seed"] == 1
 
     with pytest.raises(FileNotFoundError, match="no quantized checkpoint") as err:  # in this process
         _evaluate_here(f"model.pretrained={random_model_dir}", f"quantized={tmp_path / 'nope'}",

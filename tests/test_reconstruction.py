@@ -147,7 +147,8 @@ def test_a_reconstructed_job_reloads_through_evaluate_to_the_same_images(tmp_pat
     saved = json.loads((job / "calibration.json").read_text())
     assert len(saved["reconstruction"]) == results["reconstruction"]["units"]
     evaluate(eval_cfg)
-    assert torch.equal(load_shards(tmp_path / "eval" / "samples", 8),
+    (shards,) = (tmp_path / "eval" / "samples").iterdir()
+    assert torch.equal(load_shards(shards, 8),
                        load_shards(JobFolder(job).quantized_samples_dir(), 8))
 
 

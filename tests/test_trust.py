@@ -245,7 +245,7 @@ def test_a_failed_rerun_keeps_the_finished_result_and_records_the_failure_beside
     args = [*SMALL, "logger=none", fp, *FINISHED_SIZES, f"hydra.run.dir={job}", "bits.weight=1"]
     returncode = run_module_in_process("ptq4dm.run", args, monkeypatch)
     stderr = capsys.readouterr().err
-    assert returncode != 0 and "bits.weight=1" in stderr
+    assert returncode == 2 and "bits.weight=1" in stderr and "Traceback" not in stderr  # a user's mistake: one line
     after = job_files(job)
     failure = json.loads(after.pop("failure.json"))
     assert after == before  # results.json, quantization.safetensors, ranges.csv, grids: byte for byte
@@ -440,5 +440,51 @@ def test_a_job_folder_only_ever_moves_or_deletes_what_a_job_writes(tmp_path):
     aside = job.set_aside("test")
     assert sorted(p.name for p in aside.iterdir()) == ["REASON.txt", "ranges.csv", "results.json"]
     (tmp_path / "samples").mkdir()
-    job.clear_unfinished()
+    job.clear_unfinished("test")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt", "superseded"]
+    # a saved calibration is worth minutes to hours: an unfinished attempt that has one is set aside, not deleted
+    (tmp_path / "calibration.json").write_text("{}")
+    (tmp_path / "quantization.safetensors").write_bytes(b"x")
+    job.clear_unfinished("another config")
+    kept = [p for p in (tmp_path / "superseded").iterdir() if (p / "calibration.json").exists()]
+    assert len(kept) == 1 and (kept[0] / "quantization.safetensors").read_bytes() == b"x"
+    assert "another config" in (kept[0] / "REASON.txt").read_text()
+    assert not (tmp_path / "calibration.json").exists()
+
+
+def test_inception_score_weights_cannot_run_code_and_are_checked_before_any_work(monkeypatch, tmp_path):
+    """torch-fidelity unpickles its Inception Score weights in full; ptq4dm reads them with weights_only=True
+    first, so a crafted file is refused without running, and before the job folder or a model is touched."""
+    from ptq4dm.metrics.fidelity import read_isc_weights
+
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "isc.pth"
+    torch.save({"fc.weight": _WritesMarker(marker)}, crafted)
+    with pytest.raises(ValueError, match=r"metrics\.isc_weights_path=.*not a plain state dict"):
+        read_isc_weights(str(crafted))
+    assert not marker.exists()
+    plain = tmp_path / "plain.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, plain)
+    with pytest.raises(ValueError, match=r"holds no Inception classifier \(fc\.weight\)"):
+        read_isc_weights(str(plain))
+
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "calibration.json").write_text("{}")  # an earlier attempt's: a failed check must leave it alone
+    for override, message in {f"metrics.isc_weights_path={crafted}": "not a plain state dict",
+                              f"metrics.isc_weights_path={tmp_path / 'missing.pth'}": r"isc_weights_path=.*no such file",
+                              f"metrics.inception_path={plain}": r"metrics\.inception_path=.*has sha1",
+                              "+logger.bogus=1": r"\['logger\.bogus'\] are not arguments of WandbLogger"}.items():
+        cfg = compose_run(*(["logger=wandb"] if "logger" in override else []), override, f"output_dir={job}")
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            run_module.run(cfg)
+    assert not marker.exists() and sorted(p.name for p in job.iterdir()) == ["calibration.json"]
+
+
+def test_evaluate_reports_a_wrong_input_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    args = [f"quantized={tmp_path / 'no_job'}", f"hydra.run.dir={tmp_path / 'eval'}"]
+    assert run_module_in_process("ptq4dm.evaluate", args, monkeypatch) == 2
+    stderr = capsys.readouterr().err
+    assert "quantized=" in stderr and "no quantized checkpoint" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "eval" / "config.yaml").exists()

