@@ -83,6 +83,8 @@ def quantize(model: nn.Module, scheduler, config: QuantConfig | None = None,
     method = PTQMethod(config, search or RangeSearch(), reconstruction, balance)
     if reconstruction is not None:  # before the calibration set is built
         reconstruction.check(calibration.num_samples)
+        reconstruction.check_bits(config.weight_bits, config.act_bits)
+        reconstruction.check_network(model)
     forward = lambda network: denoiser(network, precision)  # noqa: E731
 
     t0 = time.perf_counter()

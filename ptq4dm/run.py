@@ -329,6 +329,8 @@ def run(cfg: DictConfig, recipe: PTQRecipe | None = None) -> dict:
     with stage("setup", stages):
         model = load_model(cfg.model)
         check_exclude(model.unet, recipe.quant.exclude, key="ops.exclude", of=f"model={cfg.model.name}")
+        if recipe.method.reconstruction is not None:
+            recipe.method.reconstruction.check_network(model.unet)
         if model.decoder is not None and recipe.calibration.source.needs_images:
             raise ValueError(f"calib={cfg.calib.name} feeds real images, which a latent model ({cfg.model.name}) does "
                              "not take: allowed with latent models are the trajectory and noise sources (gaussian_ts, "

@@ -74,6 +74,11 @@ def test_reference_statistics_are_computed_once_then_cached(small_extractor, ima
     assert first.name == second.name == "cifar10-train-image_folder"
     np.testing.assert_allclose(second.stats["2048"]["mu"], first.stats["2048"]["mu"])
     assert len(second.features["2048"]) == 40
+    # the features kept for KID and precision/recall are part of the cache's key: another count is not served
+    # the first job's
+    fewer = reference_statistics(image_folder_root, "train", extractor=small_extractor, cache_dir=tmp_path,
+                                 max_features=8)
+    assert len(fewer.features["2048"]) == 8
 
 
 def test_non_finite_features_are_refused(small_extractor):

@@ -297,3 +297,27 @@ def test_learned_weight_steps_are_kept_and_survive_save_and_load(tmp_path):
         QDropReconstruction(learn_weight_scale=True, learn_weights=False)
     with pytest.raises(ValueError, match=r"recon\.method\.weight_scale_lr=0: allowed is a positive number"):
         QDropReconstruction(weight_scale_lr=0)
+
+
+def test_settings_that_would_learn_nothing_or_name_nothing_are_refused_before_any_work():
+    """Types are checked (a string is not a probability, 'maybe' is not a flag), block names must name a module
+    class of the network (else every layer would silently be its own unit), and a method may not learn what the
+    bits leave in full precision."""
+    from ptq4dm.experiment.recipe import recipe_from_config
+
+    for kwargs, message in [({"keep": "0.5"}, r"recon\.method\.keep='0\.5': allowed is a probability"),
+                            ({"cuda_graphs": "maybe"}, r"recon\.method\.cuda_graphs='maybe': allowed is true or false"),
+                            ({"iters": True}, r"recon\.method\.iters=True: allowed is a whole number"),
+                            ({"seed": -1}, r"recon\.method\.seed=-1: allowed is a whole number of 0 or more"),
+                            ({"block_types": "ResnetBlock2D"}, r"block_types='ResnetBlock2D': allowed is a non-empty list")]:
+        with pytest.raises(ValueError, match=message):
+            QDropReconstruction(**kwargs)
+    with pytest.raises(ValueError, match=r"recon\.method\.block_types=\['Bogus'\]: none is a module class"):
+        _quantize(BlockReconstruction(**FAST, block_types=["Bogus"]))
+    for overrides, message in [(["recon=brecq", "bits.weight=null"], r"recon=brecq learns the weights' rounding"),
+                               (["recon=qdrop", "bits=w8a32"], r"recon=qdrop quantizes activations while"),
+                               (["recon=qdiffusion", "bits=w8a32"], r"recon=qdiffusion's activation stage")]:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("run", overrides=[*overrides, "output_dir=x"])
+        with pytest.raises(ValueError, match=message):
+            recipe_from_config(cfg)

@@ -306,6 +306,12 @@ NOT_LOADED = {  # override -> what the message must say (key, value, what is all
     "metric.num_candidates=0": r"metric\.num_candidates=0",
     "ops=table1_variance": r"sampler\.eta",
     "metrics.fid_bootstrap=1": r"metrics\.fid_bootstrap=1: allowed is 0 \(off\) or a whole number of 2 or more",
+    "seed=-1": r"seed=-1: allowed is a whole number of 0 or more",
+    "calib.seed=-1": r"calib\.seed=-1: allowed is a whole number of 0 or more",
+    "model.scheduler.num_train_timesteps=0": r"model\.scheduler\.num_train_timesteps=0: allowed",
+    "calib.sampler={name:ddim,stepz:10}": r"calib\.sampler: unknown keys \['stepz'\]",
+    "calib.sampler={name:ddim,steps:5000}": r"calib\.sampler\.steps=5000",
+    "recon=qdrop recon.method.keep=often": r"recon\.method\.keep='often': allowed is a probability",
 }
 AT_COMPOSITION = {  # refused by the structured config (schema.py) when Hydra composes, naming the key
     "seed=x": "seed", "eval.precision=fp8": "eval.precision", "ops.conv=maybe": "ops.conv",
@@ -318,7 +324,7 @@ AT_COMPOSITION = {  # refused by the structured config (schema.py) when Hydra co
 def test_bad_values_are_refused_before_any_model_is_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
     for override, message in NOT_LOADED.items():
-        cfg = compose_run(override, f"output_dir={tmp_path / 'job'}")
+        cfg = compose_run(*override.split(" "), f"output_dir={tmp_path / 'job'}")
         with pytest.raises(ValueError, match=message):
             run_module.run(cfg)
     for override, key in AT_COMPOSITION.items():
@@ -488,3 +494,13 @@ def test_evaluate_reports_a_wrong_input_in_one_line_before_anything_is_written(t
     stderr = capsys.readouterr().err
     assert "quantized=" in stderr and "no quantized checkpoint" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "eval" / "config.yaml").exists()
+
+
+def test_the_calibration_sampler_can_be_set_on_the_command_line():
+    """calib.sampler is null (the evaluation sampler) or a whole sampler node; before, Hydra could not override a
+    null structured node, so the documented override failed inside OmegaConf."""
+    from ptq4dm.experiment.recipe import recipe_from_config
+
+    recipe = recipe_from_config(compose_run("calib.sampler={name:ddim,steps:10}", "output_dir=x"))
+    assert recipe.calib_sampler == {"name": "ddim", "steps": 10}
+    assert recipe_from_config(compose_run("output_dir=x")).calib_sampler["steps"] == 5  # the evaluation sampler's

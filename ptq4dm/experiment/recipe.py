@@ -75,6 +75,9 @@ def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int
     """A sampler node as a dict, its values in range (Hydra checked the types: SamplerConfig); with the model's
     ``prediction_type`` (when known before loading), also that the sampler can step with it."""
     sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else dict(sampler)
+    unknown = sorted(set(sampler) - {"name", "steps", "eta"})
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; allowed are name, steps and eta")
     if sampler.get("name") not in SAMPLERS:
         raise ValueError(f"{key}.name={sampler.get('name')!r}: allowed are {sorted(SAMPLERS)}")
     if prediction_type is not None:
@@ -92,15 +95,20 @@ def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int
 def schedule_facts(model: DictConfig) -> tuple[int, str | None]:
     """(T, prediction type or None where only the model's files say it), before the model is loaded."""
     schedule = custom_schedule(model)
-    if schedule is None:
-        return training_timesteps(model), None
-    return schedule["num_train_timesteps"], schedule["prediction_type"]
+    T = training_timesteps(model) if schedule is None else schedule["num_train_timesteps"]
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:  # else the sampler's check would name its steps
+        raise ValueError(f"model.scheduler.num_train_timesteps={T!r}: allowed is a whole number of 1 or more")
+    return T, None if schedule is None else schedule["prediction_type"]
 
 
 def check_job(cfg: DictConfig) -> None:
     """The checks every entry point (ptq4dm.run, ptq4dm.evaluate) runs on what it shares, before loading."""
     for key in ("eval", "metrics"):  # ranges (types were checked when Hydra composed the config)
         OmegaConf.to_object(cfg[key])
+    for key in ("seed", "calib.seed"):  # numpy's generators, which draw the noise, take no negative seed
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value < 0:
+            raise ValueError(f"{key}={value}: allowed is a whole number of 0 or more")
     check_sampler(cfg.sampler, "sampler", *schedule_facts(cfg.model))
     check_image_shape(cfg.model)
     check_trainer(cfg.trainer)
@@ -154,6 +162,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         build_typed(cfg.recon.method, "recon.method", Reconstruction)
     if reconstruction is not None:
         reconstruction.check(calibration.num_samples)
+        reconstruction.check_bits(quant.weight_bits, quant.act_bits)
     balance = None if cfg.balance.method is None else \
         build_typed(cfg.balance.method, "balance.method", ChannelBalance)
     calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", *facts) if cfg.calib.sampler else sampler

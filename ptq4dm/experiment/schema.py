@@ -161,7 +161,7 @@ class CalibConfig:
     num_samples: int = 1024
     batch_size: int = 256
     seed: int = 1234
-    sampler: Optional[SamplerConfig] = None
+    sampler: Optional[Any] = None  # a sampler node ({name, steps, eta}; checked by recipe.check_sampler), or null
 
 
 @dataclass

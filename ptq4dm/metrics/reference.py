@@ -49,8 +49,9 @@ def statistics_digest(stats: ImageStatistics) -> str:
     return h.hexdigest()
 
 
-def _sources(root: str, split: str, format: str, cache: Path):
-    """(data layout or None, the statistics files to try in order) for a split."""
+def _sources(root: str, split: str, format: str, cache: Path, max_features: int = 10000, seed: int = 0):
+    """(data layout or None, the statistics files to try in order) for a split; computed ones are keyed by the
+    features they keep for KID and precision/recall too (``max_features`` drawn with ``seed``)."""
     try:
         layout = find_layout(Path(root).expanduser(), split, format)
     except DataNotFoundError:
@@ -59,7 +60,8 @@ def _sources(root: str, split: str, format: str, cache: Path):
         return None, shipped + cached  # the shipped statistics are the known ones; then any computed earlier
     dataset = f"cifar10-{split}-{layout.format}"
     # Computed statistics are cached under the data's own key: another folder with the same layout is other data.
-    return layout, [cache / stats_filename(f"{dataset}-{layout_key(layout)}"), SHIPPED_STATS_DIR / stats_filename(dataset)]
+    computed = f"{dataset}-{layout_key(layout)}-features{max_features}-seed{seed}"
+    return layout, [cache / stats_filename(computed), SHIPPED_STATS_DIR / stats_filename(dataset)]
 
 
 def reference_fingerprint(root: str, split: str = "train", format: str = "auto", cache_dir: str | None = None) -> str:
@@ -82,7 +84,7 @@ def reference_statistics(root: str, split: str = "train", format: str = "auto", 
                          seed: int = 0, progress: bool = True, **_ignored) -> ImageStatistics:
     """Statistics of a CIFAR-10 split for FID/sFID, with up to ``max_features`` features for KID and PRC."""
     cache = Path(cache_dir or default_cache_dir() / "fid_stats")
-    layout, files = _sources(root, split, format, cache)
+    layout, files = _sources(root, split, format, cache, max_features, seed)
     if layout is None:
         for path in files:
             log.info("no CIFAR-10 %s split at data.root=%s: FID against the statistics in %s", split, root, path)

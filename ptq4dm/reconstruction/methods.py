@@ -81,8 +81,22 @@ class Reconstruction:
     def check(self, num_samples: int) -> None:
         """Raise ValueError, before any work, if this method cannot run on ``num_samples`` calibration samples."""
 
+    def check_bits(self, weight_bits: int | None, act_bits: int | None) -> None:
+        """Raise ValueError, before any work, if what this method learns is left in full precision (bits null)."""
+
+    def check_network(self, network: nn.Module) -> None:
+        """Raise ValueError, before any work, if this method's settings name nothing in ``network``."""
+
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
         raise NotImplementedError
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class UnitReconstruction(Reconstruction):
@@ -97,23 +111,32 @@ class UnitReconstruction(Reconstruction):
                  block_types: list[str] | tuple[str, ...] = BLOCK_TYPES, eval_samples: int = 256, seed: int = 0,
                  cuda_graphs: bool = True, held_out: int = 0, learn_weights: bool = True,
                  act_lr_schedule: str = "constant", learn_weight_scale: bool = False, weight_scale_lr: float = 1e-4):
+        given = dict(locals())
         checks = {"granularity": (granularity in ("block", "layer"), "'block' or 'layer'"),
-                  "iters": (isinstance(iters, int) and iters >= 1, "a whole number of 1 or more"),
-                  "batch_size": (isinstance(batch_size, int) and batch_size >= 1, "a whole number of 1 or more"),
-                  "weight_lr": (weight_lr > 0, "a positive number"), "act_lr": (act_lr > 0, "a positive number"),
-                  "keep": (0 < keep <= 1, "a probability in (0, 1]"),
-                  "round_weight": (round_weight >= 0, "0 or more"), "b_start": (b_start >= b_end > 0,
-                                                                              "b_start >= b_end > 0"),
-                  "warmup": (0 <= warmup < 1, "a fraction in [0, 1)"), "loss_p": (loss_p > 0, "a positive number"),
+                  "iters": (_whole(iters) and iters >= 1, "a whole number of 1 or more"),
+                  "batch_size": (_whole(batch_size) and batch_size >= 1, "a whole number of 1 or more"),
+                  "weight_lr": (_number(weight_lr) and weight_lr > 0, "a positive number"),
+                  "act_lr": (_number(act_lr) and act_lr > 0, "a positive number"),
+                  "keep": (_number(keep) and 0 < keep <= 1, "a probability in (0, 1]"),
+                  "round_weight": (_number(round_weight) and round_weight >= 0, "0 or more"),
+                  "b_start": (_number(b_start) and _number(b_end) and b_start >= b_end > 0, "b_start >= b_end > 0"),
+                  "warmup": (_number(warmup) and 0 <= warmup < 1, "a fraction in [0, 1)"),
+                  "loss_p": (_number(loss_p) and loss_p > 0, "a positive number"),
                   "inputs": (inputs in ("quantized", "fp"), "'quantized' (the default) or 'fp'"),
-                  "eval_samples": (isinstance(eval_samples, int) and eval_samples >= 1, "1 or more"),
-                  "held_out": (isinstance(held_out, int) and held_out >= 0,
+                  "block_types": (isinstance(block_types, (list, tuple)) and len(block_types) > 0
+                                  and all(isinstance(b, str) and b.isidentifier() for b in block_types),
+                                  "a non-empty list of module class names, e.g. [ResnetBlock2D, Attention]"),
+                  "eval_samples": (_whole(eval_samples) and eval_samples >= 1, "1 or more"),
+                  "seed": (_whole(seed) and seed >= 0, "a whole number of 0 or more"),
+                  "held_out": (_whole(held_out) and held_out >= 0,
                                "a whole number of 0 or more, fewer than calib.num_samples"),
                   "act_lr_schedule": (act_lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
-                  "weight_scale_lr": (weight_scale_lr > 0, "a positive number")}
+                  "weight_scale_lr": (_number(weight_scale_lr) and weight_scale_lr > 0, "a positive number")}
+        checks.update({key: (isinstance(given[key], bool), "true or false") for key in
+                       ("learn_act_scale", "act_quant", "cuda_graphs", "learn_weights", "learn_weight_scale")})
         for key, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"recon.method.{key}={locals()[key]!r}: allowed is {allowed}")
+                raise ValueError(f"recon.method.{key}={given[key]!r}: allowed is {allowed}")
         if learn_act_scale and not act_quant:
             raise ValueError("recon.method.learn_act_scale=true needs act_quant=true (activations quantized during "
                              "reconstruction)")
@@ -142,8 +165,27 @@ class UnitReconstruction(Reconstruction):
             raise ValueError(f"recon.method.held_out={self.held_out}: allowed is fewer than the calibration set's "
                              f"{num_samples} samples (calib.num_samples)")
 
+    def check_bits(self, weight_bits: int | None, act_bits: int | None) -> None:
+        if weight_bits is None and not (self.act_quant and self.learn_act_scale and act_bits is not None):
+            raise ValueError(f"recon={self.name} learns the weights' rounding, but bits.weight=null leaves them in "
+                             "full precision, so it would learn nothing: allowed with bits.weight=null are "
+                             "recon=none and (with quantized activations) qdrop")
+        if self.act_quant and act_bits is None:
+            raise ValueError(f"recon={self.name} quantizes activations while reconstructing (act_quant=true), but "
+                             "bits.act=null leaves them in full precision: allowed then are recon=brecq, adaround "
+                             "or none")
+
+    def check_network(self, network: nn.Module) -> None:
+        """Block-wise, at least one of ``block_types`` must be a class in the network: else every layer would
+        silently become its own unit (layer-wise reconstruction under a block-wise name)."""
+        classes = {type(m).__name__ for m in network.modules()}
+        if self.granularity == "block" and not classes & set(self.block_types):
+            raise ValueError(f"recon.method.block_types={list(self.block_types)}: none is a module class of this "
+                             f"network; allowed are its classes, e.g. {sorted(classes - {'Conv2d', 'Linear'})[:12]}")
+
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
         self.check(len(context.calibration))
+        self.check_network(context.fp_network)
         units = find_units(context.q_network, context.order,
                            None if self.granularity == "layer" else self.block_types)
         generator = torch.Generator().manual_seed(self.seed)

@@ -46,6 +46,18 @@ class TwoStageReconstruction(Reconstruction):
         for stage in self.stages.values():  # its one check is on held_out, this method's own key
             stage.check(num_samples)
 
+    def check_bits(self, weight_bits: int | None, act_bits: int | None) -> None:
+        if weight_bits is None:
+            raise ValueError("recon=qdiffusion's weight stage learns the weights' rounding, but bits.weight=null "
+                             "leaves them in full precision: allowed then are recon=none and qdrop")
+        if act_bits is None:
+            raise ValueError("recon=qdiffusion's activation stage learns the activations' step sizes, but bits.act="
+                             "null leaves them in full precision: allowed then are recon=none, brecq and adaround")
+
+    def check_network(self, network) -> None:
+        for stage in self.stages.values():
+            stage.check_network(network)
+
     def run(self, context: ReconstructionContext) -> list[UnitReport]:
         return [replace(report, stage=name) for name, stage in self.stages.items() for report in stage.run(context)]
 

@@ -49,8 +49,8 @@ def build_typed(node, key: str, kind: type, **overrides):
     cls, spec = resolve_typed(node, key, kind)
     try:
         return cls(**{**spec, **overrides})
-    except (TypeError, ValueError) as err:  # the constructor's own message names the key
-        raise ValueError(f"{key}: {err}") from err
+    except (TypeError, ValueError) as err:  # the key in front, unless the constructor's message starts with it
+        raise ValueError(str(err) if str(err).startswith(f"{key}.") else f"{key}: {err}") from err
 
 
 def _nested_targets(value, key: str) -> list[str]:
