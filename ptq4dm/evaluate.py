@@ -31,8 +31,8 @@ from ptq4dm.metrics.scoring import (
 )
 from ptq4dm.experiment.job import file_digest
 from ptq4dm.experiment.provenance import device_name, provenance
-from ptq4dm.experiment.recipe import check_job
-from ptq4dm.models.factory import load_model, model_identity
+from ptq4dm.experiment.recipe import check_job, check_sampler_outputs
+from ptq4dm.models.factory import check_model_files, load_model, model_identity
 from ptq4dm.quant.checkpoint import checkpoint_path
 from ptq4dm.quant.config import QuantConfig
 from ptq4dm.quant import checkpoint_source, load_quantized, quantizes_decoder, read_quant_config, set_fused_kernels
@@ -100,6 +100,7 @@ def checked_inputs(cfg: DictConfig) -> QuantConfig | None:
     """Values in range, the quantized checkpoint (its config, None without one) made for this model, and the metric
     files: checked before anything is loaded or written."""
     check_job(cfg)
+    check_model_files(cfg.model)
     quant_config = None
     if cfg.quantized:
         try:
@@ -109,6 +110,10 @@ def checked_inputs(cfg: DictConfig) -> QuantConfig | None:
         except ValueError as err:
             raise ValueError(f"quantized={cfg.quantized!r}: {err}") from err
         check_quantized_source(cfg)
+        try:  # its sampler-output quantizers need a sampler step that has those outputs
+            check_sampler_outputs(quant_config.sampler_outputs, OmegaConf.to_container(cfg.sampler, resolve=True))
+        except ValueError as err:
+            raise ValueError(f"quantized={cfg.quantized!r} was made with {err}") from err
     check_metric_files(cfg.metrics.inception_path, cfg.metrics.isc_weights_path)
     return quant_config
 

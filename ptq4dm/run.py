@@ -57,7 +57,7 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
-from ptq4dm.models.factory import load_model, model_identity
+from ptq4dm.models.factory import check_model_files, load_model, model_identity
 from ptq4dm.models.schedule import given_arguments
 from ptq4dm.models.unet import DiffusionModel
 from ptq4dm.quant import save_quantized
@@ -306,6 +306,10 @@ def checked_recipe(cfg: DictConfig) -> PTQRecipe:
     """Every axis validated and the input files and logger checked, before the job folder is touched or anything
     heavy happens: an error here is the user's config or file, not the job's."""
     recipe = recipe_from_config(cfg)
+    if OmegaConf.select(cfg, "data.limit", default=None) is not None:
+        raise ValueError(f"data.limit={cfg.data.limit}: ptq4dm.run reads whole splits (FID reference statistics, "
+                         "calibration images); allowed here is null (the limit is ptq4dm.train's)")
+    check_model_files(cfg.model)
     check_metric_files(cfg.metrics.inception_path, cfg.metrics.isc_weights_path)
     check_logger(cfg.logger)
     return recipe

@@ -312,6 +312,11 @@ NOT_LOADED = {  # override -> what the message must say (key, value, what is all
     "calib.sampler={name:ddim,stepz:10}": r"calib\.sampler: unknown keys \['stepz'\]",
     "calib.sampler={name:ddim,steps:5000}": r"calib\.sampler\.steps=5000",
     "recon=qdrop recon.method.keep=often": r"recon\.method\.keep='often': allowed is a probability",
+    "data.limit=10": r"data\.limit=10: ptq4dm\.run reads whole splits",
+    "metric.fn.p=abc": r"metric\.fn\.p='abc': allowed is a number",
+    "balance=smoothquant_centered balance.method.center=maybe": r"balance\.method\.center='maybe': allowed is true",
+    "model=custom model.factory._target_=tests.custom_net.make_net model.checkpoint=/nonexistent/net.pt":
+        r"model\.checkpoint='/nonexistent/net\.pt': no such file",
 }
 AT_COMPOSITION = {  # refused by the structured config (schema.py) when Hydra composes, naming the key
     "seed=x": "seed", "eval.precision=fp8": "eval.precision", "ops.conv=maybe": "ops.conv",
@@ -325,7 +330,7 @@ def test_bad_values_are_refused_before_any_model_is_loaded(monkeypatch, tmp_path
     monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("model was loaded"))
     for override, message in NOT_LOADED.items():
         cfg = compose_run(*override.split(" "), f"output_dir={tmp_path / 'job'}")
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
             run_module.run(cfg)
     for override, key in AT_COMPOSITION.items():
         with pytest.raises(ConfigCompositionException) as err:

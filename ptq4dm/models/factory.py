@@ -82,6 +82,16 @@ def load_strictly(net: nn.Module, state: dict, source: str) -> None:
     net.load_state_dict(state, strict=True)
 
 
+def check_model_files(cfg: DictConfig) -> None:
+    """The files a model config names exist (before any job touches its folder: a typo is not found minutes
+    later, when the model loads)."""
+    named = {"model.checkpoint": cfg.get("checkpoint"),
+             "model.conditioning.prompts_file": OmegaConf.select(cfg, "conditioning.prompts_file", default=None)}
+    for key, value in named.items():
+        if value and not Path(value).expanduser().is_file():
+            raise FileNotFoundError(f"{key}={value!r}: no such file")
+
+
 def model_identity(cfg: DictConfig) -> str:
     """A digest of everything of the model that shapes its samples (for caches and for skipping finished jobs):
     every file of the pipeline's components whatever its format (.safetensors, .bin, ...), the conditioning and
@@ -105,6 +115,7 @@ def model_identity(cfg: DictConfig) -> str:
             config["scheduler"] = given_arguments(spec) if isinstance(spec, dict) else scheduler_config(spec)
         h.update(json.dumps(config, sort_keys=True).encode())
         files = [Path(cfg.checkpoint).expanduser()] if cfg.get("checkpoint") else []
+    check_model_files(cfg)
     for f in files:
         h.update(f.name.encode() + b"\0")
         if f.is_file():

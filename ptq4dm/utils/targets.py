@@ -9,6 +9,7 @@ code); a plugin class elsewhere must be imported by the program first (the Pytho
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 from hydra.utils import get_object
@@ -44,9 +45,33 @@ def resolve_typed(node, key: str, kind: type) -> tuple[type, dict]:
     return cls, spec
 
 
+# Plain annotations of constructor arguments, and what a value must be for them (bool is not a number here:
+# OmegaConf reads true/false as booleans, and True would pass as 1).
+PLAIN = {"float": ((int, float), "a number"), "int": ((int,), "a whole number"), "bool": ((bool,), "true or false"),
+         "str": ((str,), "text")}
+
+
+def check_argument_types(cls: type, spec: dict, key: str) -> None:
+    """Values of arguments annotated with a plain type (``float``, ``int``, ``bool``, ``str``, or ``... | None``)
+    must be of it: a string where a number belongs fails here, naming the key, not later in a comparison."""
+    params = inspect.signature(cls).parameters
+    for name, value in spec.items():
+        annotation = params[name].annotation if name in params else inspect.Parameter.empty
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        parts = [p.strip() for p in text.split("|")]
+        optional = "None" in parts
+        parts = [p for p in parts if p != "None"]
+        if len(parts) != 1 or parts[0] not in PLAIN or (value is None and optional):
+            continue
+        types, what = PLAIN[parts[0]]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{key}.{name}={value!r}: allowed is {what}{' or null' if optional else ''}")
+
+
 def build_typed(node, key: str, kind: type, **overrides):
     """``resolve_typed``, then the instance (constructor errors are reported under ``key``)."""
     cls, spec = resolve_typed(node, key, kind)
+    check_argument_types(cls, spec, key)
     try:
         return cls(**{**spec, **overrides})
     except (TypeError, ValueError) as err:  # the key in front, unless the constructor's message starts with it
