@@ -178,7 +178,7 @@ def evaluate(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         checked_inputs(cfg)  # cheap; evaluate checks again
-    except (ValueError, FileNotFoundError) as err:  # the config or a file: one line, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as err:  # the config, a file or a package: one line
         print(f"error: {err}\n(nothing was computed)", file=sys.stderr)
         sys.exit(2)
     evaluate(cfg)

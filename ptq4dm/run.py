@@ -498,8 +498,9 @@ def main(cfg: DictConfig) -> None:
             if outcome is not None:
                 _record_in_sweep(cfg, "failed", outcome)
             return
-        if not checked and isinstance(err, (ValueError, FileNotFoundError)):  # the config or a file: no traceback
-            print(f"error: {err}\n(nothing was computed; recorded in {outcome})", file=sys.stderr)
+        if not checked and isinstance(err, (ValueError, FileNotFoundError, ImportError)):  # config, file, package
+            print(f"error: {err}\n(nothing was computed{f'; recorded in {outcome}' if outcome else ''})",
+                  file=sys.stderr)
             sys.exit(2)
         raise
     _record_in_sweep(cfg, "ok", Path(cfg.output_dir) / "results.json")

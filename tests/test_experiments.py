@@ -142,8 +142,8 @@ def test_the_default_gpu_queue_with_the_shared_points_runs_every_paper_sweep_who
 def test_gpu_session_packs_finished_results_and_the_calibrations_of_unfinished_jobs(tmp_path):
     """What a poll brings back, to be carried to the next machine as .gpu_done: every job's results.json, and the
     saved calibration of each job that calibrated but did not finish (still sampling, or failed after calibrating),
-    so that it resumes instead of reconstructing again; never image shards, nor a finished job's checkpoint. Job
-    names stay whole (commas, '=', even a space)."""
+    so that it resumes instead of reconstructing again; never image shards, a finished job's checkpoint, nor what
+    a job set aside (superseded/). Job names stay whole (commas, '=', even a space)."""
     state, out = tmp_path / "state", tmp_path / "out"
     sweep = state / "multirun" / "main_10k"
     done, sampling = sweep / "bits=w4a8,recon=qdrop", sweep / "bits=w8a8,calib.seed=7,ops.exclude=[a b]"
@@ -156,6 +156,10 @@ def test_gpu_session_packs_finished_results_and_the_calibrations_of_unfinished_j
     (done / "results.json").write_text(json.dumps({"status": "ok"}, indent=2))
     (failed / "results.json").write_text(json.dumps({"status": "failed"}, indent=2))
     (sweep / "bits=w4a4,recon=qdrop").mkdir()  # still calibrating: nothing to carry
+    aside = sampling / "superseded" / "2026-12-05T08-00-00Z"  # another machine's calibration a job set aside
+    for name in ("calibration.json", "quantization.safetensors", "ranges.csv", "results.json"):
+        (aside / name).parent.mkdir(parents=True, exist_ok=True)
+        (aside / name).write_text(name)
     (state / "queue.log").write_text("QUEUE DONE\n")
     subprocess.run(["bash", str(REPO / "experiments" / "paper" / "gpu_session.sh"), "poll", "0"], check=True,
                    env={**os.environ, "STATE": str(state), "OUT": str(out)}, capture_output=True)

@@ -334,6 +334,12 @@ def test_missing_checkpoint_says_where_to_download_it(name, env, url, monkeypatc
     assert f"https://openaipublic.blob.core.windows.net/diffusion/{url}" in str(err.value) and env in str(err.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(compose_model(f"model={name}", f"model.checkpoint={tmp_path / 'absent.pt'}"))
+    from ptq4dm.models.factory import check_model_files  # what ptq4dm.run checks before touching the job folder
+
+    for overrides in ([], [f"model.checkpoint={tmp_path / 'absent.pt'}"]):
+        with pytest.raises(FileNotFoundError) as err:
+            check_model_files(compose_model(f"model={name}", *overrides))
+        assert f"https://openaipublic.blob.core.windows.net/diffusion/{url}" in str(err.value)
 
 
 # -- sampling with the learned variance ---------------------------------------------------------------------------

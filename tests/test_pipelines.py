@@ -219,7 +219,8 @@ def test_ops_decoder_quantizes_the_vae_decoder_too_and_the_checkpoint_reloads_it
     out = tmp_path / "eval"
     evaluate(_compose(*model_args, f"quantized={job}", "trainer.enable_progress_bar=false", f"output_dir={out}",
                       config="evaluate"))
-    assert torch.equal(load_shards(out / "samples", 8), load_shards(JobFolder(job).quantized_samples_dir(), 8))
+    (shards,) = (out / "samples").iterdir()  # ptq4dm.evaluate: one folder per set of images
+    assert torch.equal(load_shards(shards, 8), load_shards(JobFolder(job).quantized_samples_dir(), 8))
 
     # refused before loading: the checkpoint records the model it was calibrated on
     with pytest.raises(ValueError, match="was calibrated on model='pipeline'") as err:

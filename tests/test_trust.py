@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -310,6 +311,8 @@ NOT_LOADED = {  # override -> what the message must say (key, value, what is all
     "calib.seed=-1": r"calib\.seed=-1: allowed is a whole number of 0 or more",
     "model.scheduler.num_train_timesteps=0": r"model\.scheduler\.num_train_timesteps=0: allowed",
     "calib.sampler={name:ddim,stepz:10}": r"calib\.sampler: unknown keys \['stepz'\]",
+    "calib.sampler=ddim": r"calib\.sampler='ddim': allowed is a sampler node",
+    "calib.sampler={name:ddim,steps:true}": r"calib\.sampler\.steps=True",
     "calib.sampler={name:ddim,steps:5000}": r"calib\.sampler\.steps=5000",
     "recon=qdrop recon.method.keep=often": r"recon\.method\.keep='often': allowed is a probability",
     "data.limit=10": r"data\.limit=10: ptq4dm\.run reads whole splits",
@@ -509,3 +512,51 @@ def test_the_calibration_sampler_can_be_set_on_the_command_line():
     recipe = recipe_from_config(compose_run("calib.sampler={name:ddim,steps:10}", "output_dir=x"))
     assert recipe.calib_sampler == {"name": "ddim", "steps": 10}
     assert recipe_from_config(compose_run("output_dir=x")).calib_sampler["steps"] == 5  # the evaluation sampler's
+
+
+def test_a_config_target_never_imports_a_module_the_program_has_not(tmp_path, monkeypatch):
+    """Importing runs a module's code: a target outside ptq4dm (and the kind's own package) is only looked up in
+    modules already imported, never imported for it, submodules of imported packages included."""
+    from ptq4dm.calibration.range_metrics import RangeMetric
+    from ptq4dm.utils.targets import resolve_typed
+
+    marker = tmp_path / "imported"
+    (tmp_path / "plugin_that_runs.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass M: pass\n")
+    package = tmp_path / "json_like"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("json_like")  # the package is imported; its submodule is not
+
+    for target in ("plugin_that_runs.M", "json_like.sub", "json_like.sub.X"):
+        with pytest.raises(ValueError, match=r"metric\.fn\._target_="):
+            resolve_typed({"_target_": target}, "metric.fn", RangeMetric)
+    assert not marker.exists()
+
+
+def test_inception_score_through_the_safely_read_weights_equals_torch_fidelitys_own_loading(tmp_path, monkeypatch):
+    """The real weights are not here (a download); a state dict of torch-fidelity's own network, saved the way its
+    file is, stands in for them: Inception Score through ptq4dm's safe read equals torch-fidelity loading the file
+    itself (same keys, dtypes and values, so the same logits)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.utils import create_feature_extractor
+
+    from ptq4dm.metrics.fidelity import extract_features, inception_score
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    torch.manual_seed(0)
+    state = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"],
+                                           feature_extractor_weights_path=str(empty)).state_dict()
+    monkeypatch.undo()
+    weights = tmp_path / "weights.pth"
+    torch.save(state, weights)
+    images = (torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    ours = inception_score(images, str(weights), batch_size=10, progress=False)
+    direct = create_feature_extractor("inception-v3-compat", ["logits_unbiased"], cuda=False, verbose=False,
+                                      feature_extractor_weights_path=str(weights))
+    theirs = isc_features_to_metric(extract_features(images, direct, 10, False)["logits_unbiased"], splits=10)
+    assert ours == {"isc": theirs["inception_score_mean"], "isc_std": theirs["inception_score_std"]}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ptq4dm.evaluation import load_shards
+from ptq4dm.experiment.job import JobFolder
 from ptq4dm.metrics.scoring import pixel_errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +63,7 @@ def launch(overrides: list[str], accelerator: str, devices: int, workdir: Path, 
     n = results["num_samples"]
     fp_shards = next((cache / "fp_samples").glob("*/shards"))
     return {"devices": devices, "wall_seconds": wall, "results": results,
-            "images": {"fp": load_shards(fp_shards, n), "quantized": load_shards(run_dir / "samples", n)}}
+            "images": {"fp": load_shards(fp_shards, n), "quantized": load_shards(JobFolder(run_dir).quantized_samples_dir(), n)}}
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ mkdir -p "$STATE"/{data,fid,results,logs} "$OUT"
 # same libraries and device (ptq4dm.run's job record; else it calibrates again). About 1.3 MB per small_cifar10 job,
 # compressed (the 0/1 rounding decisions of its 8.9M quantized weights).
 resumable() {
-  find multirun -name calibration.json 2>/dev/null | while IFS= read -r f; do
+  find multirun -path '*/superseded' -prune -o -name calibration.json -print 2>/dev/null | while IFS= read -r f; do
     d=$(dirname "$f")
     grep -qs '"status": "ok"' "$d/results.json" || ls -d "$f" "$d/quantization.safetensors" "$d/ranges.csv" 2>/dev/null
   done
@@ -59,7 +59,8 @@ resumable() {
 # What a pack holds, one path per line (job names keep their commas, '=' and any spaces whole).
 packed() {
   echo results
-  find multirun \( -name results.json -o -name reconstruction.csv \) 2>/dev/null
+  # superseded/: what a job set aside (another machine's calibration, earlier results) stays on the machine
+  find multirun -path '*/superseded' -prune -o \( -name results.json -o -name reconstruction.csv \) -print 2>/dev/null
   resumable
   ls -d logs/*.log 2>/dev/null || true  # none yet: the pack still succeeds
 }

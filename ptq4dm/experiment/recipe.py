@@ -72,8 +72,11 @@ def check_image_shape(model: DictConfig) -> None:
 
 def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int = 1000,
                   prediction_type: str | None = None) -> dict:
-    """A sampler node as a dict, its values in range (Hydra checked the types: SamplerConfig); with the model's
+    """A sampler node as a dict, its keys known and its values in range; with the model's
     ``prediction_type`` (when known before loading), also that the sampler can step with it."""
+    if not isinstance(sampler, (dict, DictConfig)):
+        raise ValueError(f"{key}={sampler!r}: allowed is a sampler node {{name, steps, eta}}"
+                         + (" or null (the evaluation sampler)" if key == "calib.sampler" else ""))
     sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else dict(sampler)
     unknown = sorted(set(sampler) - {"name", "steps", "eta"})
     if unknown:
@@ -83,7 +86,7 @@ def check_sampler(sampler: DictConfig | dict, key: str, num_train_timesteps: int
     if prediction_type is not None:
         check_prediction_type(sampler["name"], prediction_type, key)
     steps = sampler.get("steps")
-    if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"{key}.steps={steps!r}: allowed is a whole number from 1 to {num_train_timesteps} "
                          "(the model's training steps)")
     eta = sampler.get("eta", 0.0)
@@ -165,7 +168,7 @@ def recipe_from_config(cfg: DictConfig) -> PTQRecipe:
         reconstruction.check_bits(quant.weight_bits, quant.act_bits)
     balance = None if cfg.balance.method is None else \
         build_typed(cfg.balance.method, "balance.method", ChannelBalance)
-    calib_sampler = check_sampler(cfg.calib.sampler, "calib.sampler", *facts) if cfg.calib.sampler else sampler
+    calib_sampler = sampler if cfg.calib.sampler is None else check_sampler(cfg.calib.sampler, "calib.sampler", *facts)
     axes = {"model": cfg.model.name, "sampler": f"{sampler['name']}-{sampler['steps']}", "ops": ops.name,
             "bits": bits.name, "calib": cfg.calib.name, "metric": cfg.metric.name,
             "weight_metric": cfg.weight_metric.name, "recon": cfg.recon.name, "balance": cfg.balance.name}

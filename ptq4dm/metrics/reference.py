@@ -51,7 +51,8 @@ def statistics_digest(stats: ImageStatistics) -> str:
 
 def _sources(root: str, split: str, format: str, cache: Path, max_features: int = 10000, seed: int = 0):
     """(data layout or None, the statistics files to try in order) for a split; computed ones are keyed by the
-    features they keep for KID and precision/recall too (``max_features`` drawn with ``seed``)."""
+    features they keep for KID and precision/recall too (``max_features`` drawn with ``seed``; the jobs' is 0, so
+    every job compares against the same reference features)."""
     try:
         layout = find_layout(Path(root).expanduser(), split, format)
     except DataNotFoundError:
@@ -60,7 +61,7 @@ def _sources(root: str, split: str, format: str, cache: Path, max_features: int 
         return None, shipped + cached  # the shipped statistics are the known ones; then any computed earlier
     dataset = f"cifar10-{split}-{layout.format}"
     # Computed statistics are cached under the data's own key: another folder with the same layout is other data.
-    computed = f"{dataset}-{layout_key(layout)}-features{max_features}-seed{seed}"
+    computed = f"{dataset}-{layout_key(layout)}-features{max_features}" + (f"-seed{seed}" if seed else "")
     return layout, [cache / stats_filename(computed), SHIPPED_STATS_DIR / stats_filename(dataset)]
 
 

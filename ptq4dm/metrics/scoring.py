@@ -31,7 +31,7 @@ def reference_from_config(cfg: DictConfig, extractor) -> ImageStatistics | None:
         return None
     ref = cfg.metrics.reference
     return reference_statistics(cfg.data.root, ref.split, cfg.data.format, extractor, ref.cache_dir,
-                                ref.max_features, cfg.metrics.batch_size, seed=cfg.seed)
+                                ref.max_features, cfg.metrics.batch_size)
 
 
 def image_statistics(images: torch.Tensor, extractor, batch_size: int, name: str = "samples") -> ImageStatistics:

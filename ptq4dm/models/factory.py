@@ -89,7 +89,13 @@ def check_model_files(cfg: DictConfig) -> None:
              "model.conditioning.prompts_file": OmegaConf.select(cfg, "conditioning.prompts_file", default=None)}
     for key, value in named.items():
         if value and not Path(value).expanduser().is_file():
-            raise FileNotFoundError(f"{key}={value!r}: no such file")
+            hint = f"; download {cfg.download_url}" if key == "model.checkpoint" and cfg.get("download_url") else ""
+            raise FileNotFoundError(f"{key}={value!r}: no such file{hint}")
+    if cfg.get("improved_diffusion") is not None and not cfg.get("checkpoint"):
+        env = f" (or the environment variable {cfg.checkpoint_env})" if cfg.get("checkpoint_env") else ""
+        raise FileNotFoundError(f"model={cfg.get('name')} needs its improved-diffusion checkpoint: set "
+                                f"model.checkpoint=/path/to/it{env}"
+                                + (f"; download {cfg.download_url}" if cfg.get("download_url") else ""))
 
 
 def model_identity(cfg: DictConfig) -> str:

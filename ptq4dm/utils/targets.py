@@ -31,15 +31,18 @@ def resolve_typed(node, key: str, kind: type) -> tuple[type, dict]:
     nested = _nested_targets(spec, key)
     if nested:
         raise ValueError(f"{key}: nested _target_ at {nested}: arguments must be plain values")
-    module = target.rpartition(".")[0]
+    module, _, name = target.rpartition(".")
     packages = sorted({"ptq4dm", kind.__module__.split(".")[0]})
-    if module not in sys.modules and module.split(".")[0] not in packages:  # importing would run its code
+    if module.split(".")[0] in packages:
+        try:
+            cls = get_object(target)  # imports the module that defines it (ours or the kind's); calls nothing
+        except (ImportError, ValueError) as err:
+            raise ValueError(f"{key}._target_={target!r} cannot be imported ({err}): allowed is {allowed}") from err
+    elif module in sys.modules:  # a module the program imported itself: looked up, nothing more is imported
+        cls = getattr(sys.modules[module], name, None)
+    else:  # importing it would run its code
         raise ValueError(f"{key}._target_={target!r}: allowed is {allowed} from the packages {packages} (or from a "
                          "module your program has already imported): importing another module would run its code")
-    try:
-        cls = get_object(target)  # imports the module that defines it; calls nothing
-    except (ImportError, ValueError) as err:
-        raise ValueError(f"{key}._target_={target!r} cannot be imported ({err}): allowed is {allowed}") from err
     if not (isinstance(cls, type) and issubclass(cls, kind)):
         raise ValueError(f"{key}._target_={target!r} is not {allowed}, so it is not called")
     return cls, spec

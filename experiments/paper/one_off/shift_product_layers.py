@@ -4,7 +4,7 @@
 # commits the forward is the "old" form and both columns agree. Quoted in
 # experiments/results/balance_center_proxy_cpu.txt.
 #   git checkout cc00a89 && python experiments/paper/one_off/shift_product_layers.py
-import torch, sys
+import torch
 from hydra import compose, initialize_config_dir
 from ptq4dm.calibration import Trajectory, Uniform
 from ptq4dm.calibration.calibset import build_calibration_set
