@@ -81,6 +81,7 @@ def set_aside_earlier_results(out: Path) -> Path | None:
     for name in OUTPUTS:
         if (out / name).exists():
             (out / name).rename(target / name)
+    (target / "REASON.txt").write_text("another ptq4dm.evaluate run was started in the same folder\n")
     log.warning("an earlier evaluation's results in %s moved to %s", out, target)
     return target
 
