@@ -451,11 +451,14 @@ def wandb_names(cfg: DictConfig) -> dict:
             "group": f"sweep {hc.sweep.dir}" if multirun else None, "job_type": "ptq"}
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> Path:
-    """The failure goes beside the job's results (never over a finished one) and to the job's W&B run."""
+def record_failure(cfg: DictConfig, err: BaseException, to_logger: bool = True) -> Path:
+    """The failure goes beside the job's results (never over a finished one) and, with ``to_logger``, to the job's
+    W&B run."""
     failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
                "axes": _axes_or_empty(cfg), "overrides": task_overrides(), "time": time.time()}
     path = JobFolder(cfg.output_dir).record_failure(failure)
+    if not to_logger:
+        return path
     try:
         logger = make_logger(cfg.logger, **wandb_names(cfg))
     except Exception:  # noqa: BLE001 - the logger config itself may be what failed; the record has it all
@@ -492,8 +495,10 @@ def main(cfg: DictConfig) -> None:
         checked = True
         run(cfg, recipe)
     except Exception as err:
-        outcome = record_failure(cfg, err) if is_rank_zero() else None
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # one failed job must not end the sweep; its end says so
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        # a single job's config mistake is reported on the spot: no W&B run for a job that never started
+        outcome = record_failure(cfg, err, to_logger=checked or multirun) if is_rank_zero() else None
+        if multirun:  # one failed job must not end the sweep; its end says so
             log.error("job failed: %s (details in %s)", err, outcome)
             if outcome is not None:
                 _record_in_sweep(cfg, "failed", outcome)

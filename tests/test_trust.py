@@ -560,3 +560,12 @@ def test_inception_score_through_the_safely_read_weights_equals_torch_fidelitys_
                                       feature_extractor_weights_path=str(weights))
     theirs = isc_features_to_metric(extract_features(images, direct, 10, False)["logits_unbiased"], splits=10)
     assert ours == {"isc": theirs["inception_score_mean"], "isc_std": theirs["inception_score_std"]}
+
+
+def test_a_single_jobs_config_mistake_starts_no_wandb_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    job = tmp_path / "job"
+    args = [*SMALL, "logger=wandb", "seed=-1", f"hydra.run.dir={job}"]
+    assert run_module_in_process("ptq4dm.run", args, monkeypatch) == 2
+    assert "seed=-1" in capsys.readouterr().err
+    assert json.loads((job / "results.json").read_text())["status"] == "failed" and not (job / "wandb").exists()
