@@ -29,7 +29,7 @@ from ptq4dm.metrics.scoring import (
     reference_from_config,
     score,
 )
-from ptq4dm.experiment.job import file_digest
+from ptq4dm.experiment.job import file_digest, set_aside
 from ptq4dm.experiment.provenance import device_name, provenance
 from ptq4dm.experiment.recipe import check_job, check_sampler_outputs
 from ptq4dm.models.factory import check_model_files, load_model, model_identity
@@ -73,17 +73,8 @@ def set_aside_earlier_results(out: Path) -> Path | None:
     ``superseded/<UTC time>/``: nothing already computed is replaced."""
     if not (out / "results.json").exists():
         return None
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
-    target, n = out / "superseded" / stamp, 1
-    while target.exists():
-        target, n = out / "superseded" / f"{stamp}-{n}", n + 1
-    target.mkdir(parents=True)
-    for name in OUTPUTS:
-        if (out / name).exists():
-            (out / name).rename(target / name)
-    (target / "REASON.txt").write_text("another ptq4dm.evaluate run was started in the same folder\n")
-    log.warning("an earlier evaluation's results in %s moved to %s", out, target)
-    return target
+    return set_aside(out, [out / name for name in OUTPUTS if (out / name).exists()],
+                     "another ptq4dm.evaluate run was started in the same folder")
 
 
 def images_key(cfg: DictConfig) -> str:
@@ -120,8 +111,12 @@ def checked_inputs(cfg: DictConfig) -> QuantConfig | None:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    return evaluate_checked(cfg, checked_inputs(cfg))
+
+
+def evaluate_checked(cfg: DictConfig, quant_config: QuantConfig | None) -> dict:
+    """``evaluate`` once ``checked_inputs(cfg)`` gave ``quant_config``."""
     torch.set_float32_matmul_precision("high")
-    quant_config = checked_inputs(cfg)
     out = Path(cfg.output_dir)
     set_aside_earlier_results(out)
     save_resolved_config(cfg, out)
@@ -178,11 +173,11 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
-        checked_inputs(cfg)  # cheap; evaluate checks again
+        quant_config = checked_inputs(cfg)
     except (ValueError, FileNotFoundError, ImportError) as err:  # the config, a file or a package: one line
         print(f"error: {err}\n(nothing was computed)", file=sys.stderr)
         sys.exit(2)
-    evaluate(cfg)
+    evaluate_checked(cfg, quant_config)
 
 
 if __name__ == "__main__":

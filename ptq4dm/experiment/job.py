@@ -50,6 +50,23 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def set_aside(folder: Path, outputs: list[Path], reason: str) -> Path | None:
+    """Move ``outputs`` (files or folders in ``folder``) to ``folder/superseded/<UTC time>/`` with a REASON.txt:
+    what an earlier run computed is kept, never replaced."""
+    if not outputs:
+        return None
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
+    target, n = folder / SUPERSEDED / stamp, 1
+    while target.exists():
+        target, n = folder / SUPERSEDED / f"{stamp}-{n}", n + 1
+    target.mkdir(parents=True)
+    for p in outputs:
+        p.rename(target / p.name)
+    atomic_write_text(target / "REASON.txt", reason.rstrip() + "\n")
+    log.warning("earlier outputs of %s moved to %s: %s", folder, target, reason.splitlines()[0])
+    return target
+
+
 class JobFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -82,20 +99,7 @@ class JobFolder:
 
     def set_aside(self, reason: str) -> Path | None:
         """Move every output to ``superseded/<UTC time>/`` (nothing is deleted) and say why there."""
-        outputs = self.outputs()
-        if not outputs:
-            return None
-        stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
-        target = self.path / SUPERSEDED / stamp
-        n = 1
-        while target.exists():
-            target, n = self.path / SUPERSEDED / f"{stamp}-{n}", n + 1
-        target.mkdir(parents=True)
-        for p in outputs:
-            p.rename(target / p.name)
-        atomic_write_text(target / "REASON.txt", reason.rstrip() + "\n")
-        log.warning("earlier outputs of %s moved to %s: %s", self.path, target, reason.splitlines()[0])
-        return target
+        return set_aside(self.path, self.outputs(), reason)
 
     # -- resumable calibration --------------------------------------------------------------------------------
     def calibration(self, record: dict, checkpoint: str) -> dict | None:

@@ -121,7 +121,6 @@ def model_identity(cfg: DictConfig) -> str:
             config["scheduler"] = given_arguments(spec) if isinstance(spec, dict) else scheduler_config(spec)
         h.update(json.dumps(config, sort_keys=True).encode())
         files = [Path(cfg.checkpoint).expanduser()] if cfg.get("checkpoint") else []
-    check_model_files(cfg)
     for f in files:
         h.update(f.name.encode() + b"\0")
         if f.is_file():

@@ -26,13 +26,13 @@ def check_logger(cfg: DictConfig | None) -> None:
     cls, spec = resolve_typed(cfg, "logger", Logger)
     params = inspect.signature(cls).parameters
     named = {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    extra = sorted(set(spec) - named)
-    if extra and any(p.kind is p.VAR_KEYWORD for p in params.values()) and cls.__name__ == "WandbLogger":
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        if cls.__name__ != "WandbLogger":
+            return  # another logger passing keys on: its own checks decide
         import wandb
 
-        extra = sorted(set(extra) - set(inspect.signature(wandb.init).parameters))
-    elif any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        extra = []  # another logger passing keys on: its own checks decide
+        named |= set(inspect.signature(wandb.init).parameters)
+    extra = sorted(set(spec) - named)
     if extra:
         raise ValueError(f"logger: {[f'logger.{k}' for k in extra]} are not arguments of {cls.__name__}: allowed "
                          f"are {sorted(named)}")
