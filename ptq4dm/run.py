@@ -38,7 +38,7 @@ from ptq4dm.data.cifar10 import data_fingerprint
 from ptq4dm.diffusion import Sampler
 from ptq4dm.evaluation import SamplingModule, SeedDataModule, generate_images
 from ptq4dm.experiment.fp_cache import FPCacheEntry, extractor_key, fp_cache_entry, scores_key
-from ptq4dm.experiment.job import JobFolder
+from ptq4dm.experiment.job import CALIBRATION, JobFolder
 from ptq4dm.experiment.module import PTQModule
 from ptq4dm.experiment.over_seeds import SEED_KEYS
 from ptq4dm.experiment.provenance import deciding, device_name, provenance
@@ -71,6 +71,8 @@ from ptq4dm.utils.table import markdown_table
 
 log = logging.getLogger(__name__)
 
+# Where a job may stop, saved (``stop_after``): running it again without it resumes from there.
+STOP_POINTS = ("calibration", "samples")
 HEADLINE = ["model", "fid", "fid_over_fp", "fid_over_fp_se", "sfid", "kid", "precision", "recall", "isc", "fid_vs_fp",
             "psnr_vs_fp"]
 
@@ -163,6 +165,23 @@ def score_full_precision(cfg: DictConfig, entry: FPCacheEntry, images: torch.Ten
     timing = json.loads(entry.timing.read_text()) if entry.timing.exists() else {"sampling_seconds": None}
     scores["sampling_seconds"] = timing["sampling_seconds"]  # None: sampled across interrupted runs
     return stats, scores
+
+
+def quantized_sampling_seconds(shards: Path, measured: float | None) -> float | None:
+    """The quantized images' sampling time: ``measured`` now if this run sampled them all (kept beside the shards
+    for a later run that only scores), else what an earlier run that sampled them all measured, else None."""
+    timing = shards / "timing.json"
+    if measured is not None:
+        atomic_write_json(timing, {"sampling_seconds": measured})
+        return measured
+    return json.loads(timing.read_text())["sampling_seconds"] if timing.is_file() else None
+
+
+def stopped(job: JobFolder, point: str, stages: dict[str, float]) -> dict:
+    """``stop_after``: what is done is saved in the job folder; the same command without it resumes from there."""
+    print(f"stopped after {point} (stop_after={point}): " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+          + f"; saved in {job.path}. The same command without stop_after resumes there and scores.")
+    return {"status": "stopped", "stop_after": point, "stage_seconds": stages}
 
 
 def grouped(rows: list[dict], shown: int = 3) -> list[dict]:
@@ -286,7 +305,7 @@ RECON_KEYS_ADDED_LATER = {"held_out": (0, ()), "learn_weight_scale": (False, ("w
 def config_digest(cfg: DictConfig) -> str:
     """What a job computes, as a hash: the resolved config without where it writes and how it reports."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in ("output_dir", "progress", "force", "logger")}
+            if k not in ("output_dir", "progress", "force", "stop_after", "logger")}
     if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
         keep["ops"].pop("decoder", None)
     if (keep.get("balance") or {}).get("method") is None:  # added later; none computes what jobs before it did
@@ -309,8 +328,13 @@ def checked_recipe(cfg: DictConfig) -> PTQRecipe:
     if OmegaConf.select(cfg, "data.limit", default=None) is not None:
         raise ValueError(f"data.limit={cfg.data.limit}: ptq4dm.run reads whole splits (FID reference statistics, "
                          "calibration images); allowed here is null (the limit is ptq4dm.train's)")
+    if cfg.stop_after not in (None, *STOP_POINTS):
+        raise ValueError(f"stop_after={cfg.stop_after!r}: allowed are null (the whole job), 'calibration' (calibrate "
+                         "and save the calibration) and 'samples' (also sample FP and quantized images, saved; no "
+                         "scoring)")
     check_model_files(cfg.model)
-    check_metric_files(cfg.metrics.inception_path, cfg.metrics.isc_weights_path)
+    if cfg.stop_after is None:  # a job stopped before scoring reads neither network
+        check_metric_files(cfg.metrics.inception_path, cfg.metrics.isc_weights_path)
     check_logger(cfg.logger)
     return recipe
 
@@ -353,15 +377,17 @@ def run(cfg: DictConfig, recipe: PTQRecipe | None = None) -> dict:
         calib_images = None
         if recipe.calibration.source.needs_images:
             calib_images = load_cifar10(cfg.data.root, cfg.data.split, cfg.data.format, cfg.data.cache_dir).images
-        extractor = make_extractor(device, cfg.metrics.inception_path)
-        reference = reference_from_config(cfg, extractor)  # None with data=none: scores against FP images only
-        reference_digest = None if reference is None else statistics_digest(reference)
+        if cfg.stop_after is None:  # the networks are only read for scoring
+            extractor = make_extractor(device, cfg.metrics.inception_path)
+            reference = reference_from_config(cfg, extractor)  # None with data=none: scores against FP images only
+            reference_digest = None if reference is None else statistics_digest(reference)
         entry = fp_cache_entry(cfg, record["inputs"]["model"], deciding(device), device.type == "cuda")
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": bool(cfg.progress)}
 
     # Every DDP rank takes part in both sampling runs; rank 0 alone calibrates, scores and writes.
-    with stage("fp_samples", stages):
-        fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs, entry)
+    if cfg.stop_after != "calibration":
+        with stage("fp_samples", stages):
+            fp_images = sample_full_precision(cfg, model, sampler, trainer_kwargs, entry)
     module = PTQModule(model.unet, sampler, calib_sampler, recipe, cfg.seed, str(cfg.eval.precision),
                        calib_images, progress=bool(cfg.progress), image_shape=model.image_shape,
                        compile=cfg.eval.compile, decoder=model.decoder, conditioner=model.conditioner)
@@ -369,13 +395,17 @@ def run(cfg: DictConfig, recipe: PTQRecipe | None = None) -> dict:
         module.to(device)
         calibration = calibrate_or_restore(module, job, record, saved,
                                            {"model": cfg.model.name, "model_identity": record["inputs"]["model"]})
+    if cfg.stop_after == "calibration":
+        return stopped(job, "calibration", stages)
     shards = job.samples_dir(calibration)
     with stage("quantized_samples", stages):
         todo, total = batches_to_sample(cfg.eval.num_samples, cfg.eval.batch_size, shards)
         q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, shards, trainer_kwargs)
     if q_images is None or fp_images is None:
         return {}  # a non-zero DDP rank
-    q_seconds = stages["quantized_samples"] if todo == total else None  # None: sampled across interrupted runs
+    q_seconds = quantized_sampling_seconds(shards, stages["quantized_samples"] if todo == total else None)
+    if cfg.stop_after == "samples":
+        return stopped(job, "samples", stages)
     with stage("scoring", stages):
         scored_as = note_inception_input(q_images, log)
         fp_stats, fp_scores = score_full_precision(cfg, entry, fp_images, extractor, reference, reference_digest)
@@ -493,7 +523,7 @@ def main(cfg: DictConfig) -> None:
     try:
         recipe = checked_recipe(cfg)
         checked = True
-        run(cfg, recipe)
+        results = run(cfg, recipe)
     except Exception as err:
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         # a single job's config mistake is reported on the spot: no W&B run for a job that never started
@@ -508,7 +538,10 @@ def main(cfg: DictConfig) -> None:
                   file=sys.stderr)
             sys.exit(2)
         raise
-    _record_in_sweep(cfg, "ok", Path(cfg.output_dir) / "results.json")
+    if results.get("status") == "stopped":  # resumable: its saved calibration says where it stands
+        _record_in_sweep(cfg, "stopped", Path(cfg.output_dir) / CALIBRATION)
+    else:
+        _record_in_sweep(cfg, "ok", Path(cfg.output_dir) / "results.json")
 
 
 if __name__ == "__main__":

@@ -161,3 +161,49 @@ def test_fid_bootstrap_leaves_the_digest_of_jobs_made_before_the_key():
     before = OmegaConf.create(OmegaConf.to_container(default))
     del before.metrics["fid_bootstrap"]
     assert config_digest(default) == config_digest(before) == config_digest(other)
+
+
+def test_stop_after_samples_then_the_same_job_scores_as_one_uninterrupted_run(tmp_path):
+    """The GPU queue samples while the FID network is still on its way (stop_after=samples, the network file not
+    there yet), then runs the same job once it is: it resumes, samples nothing again, and scores exactly as a job
+    that ran in one go."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from ptq4dm.metrics.inception import default_network_path
+    from ptq4dm.run import run
+    from ptq4dm.utils.config import CONF_DIR
+
+    network = tmp_path / "arriving" / "default_1.pt"  # not there yet
+
+    def job(name, *extra):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("run", overrides=[*SMALL, "logger=none", f"output_dir={tmp_path / name}",
+                                             f"fp_cache_dir={tmp_path / 'fp'}", *extra])
+
+    folder = tmp_path / "split"
+    stopped = run(job("split", f"metrics.inception_path={network}", "stop_after=samples"))
+    assert stopped["status"] == "stopped" and stopped["stop_after"] == "samples"
+    assert not (folder / "results.json").exists() and (folder / "calibration.json").is_file()
+    shards = sorted(folder.glob("samples/*/shard-*.pt"))
+    assert shards and (shards[0].parent / "timing.json").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+
+    network.parent.mkdir()
+    shutil.copy(default_network_path(), network)
+    resumed = run(job("split", f"metrics.inception_path={network}"))
+    assert resumed["status"] == "ok" and resumed["calibration_restored"]
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("samples/*/shard-*.pt")} == stamps  # nothing sampled again
+    assert resumed["timings"]["sampling_seconds_quantized"] == pytest.approx(
+        json.loads((shards[0].parent / "timing.json").read_text())["sampling_seconds"])
+
+    whole = run(job("whole", f"metrics.inception_path={default_network_path()}"))
+    assert whole["config_digest"] != resumed["config_digest"]  # another path string: another job, same numbers
+    for key in ("fid", "fid_over_fp", "fid_vs_fp", "psnr_vs_fp", "kid"):
+        assert resumed["quantized"][key] == whole["quantized"][key], key
+    assert resumed["fp"]["fid"] == whole["fp"]["fid"]
+
+    with pytest.raises(ValueError, match="stop_after='scoring'.*allowed are null"):
+        run(job("bad", "stop_after=scoring"))
+    assert not (tmp_path / "bad").exists()  # refused before the job folder is touched

@@ -31,13 +31,20 @@ if [ -n "${ALONE:-}" ]; then
     > "$STATE/logs/alone.log" 2>&1
   echo "$(date +%T) alone exit $?"
 fi
-echo "$(date +%T) waiting for the FID network"
-while [ ! -f "$STATE/default_1.pt" ]; do sleep 5; done
 
 stream() {  # experiment:bits[:override ...] ...
   for job in "$@"; do
     IFS=: read -r -a parts <<< "$job"
     exp=${parts[0]} bits=${parts[1]} extra=("${parts[@]:2}")
+    # While the FID network is still arriving (gpu_session.sh put), calibrate and sample without it
+    # (stop_after=samples); the run below resumes from what that saved and only scores.
+    if [ ! -f "$STATE/default_1.pt" ]; then
+      echo "$(date +%T) sample $exp $bits ${extra[*]} (FID network not here yet)"
+      python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" "${extra[@]}" "${common[@]}" stop_after=samples \
+        "hydra.sweep.dir=$STATE/multirun/$exp"
+      echo "$(date +%T) waiting for the FID network"
+      while [ ! -f "$STATE/default_1.pt" ]; do sleep 5; done
+    fi
     echo "$(date +%T) start $exp $bits ${extra[*]}"
     python3 -m ptq4dm.run -m "experiment=$exp" "bits=$bits" "${extra[@]}" "${common[@]}" \
       "hydra.sweep.dir=$STATE/multirun/$exp"

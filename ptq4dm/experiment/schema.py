@@ -183,6 +183,7 @@ class RunConfig:
     fp_cache_dir: Optional[str] = None
     progress: bool = True
     force: bool = False
+    stop_after: Optional[str] = None  # null | calibration | samples (checked by ptq4dm.run.checked_recipe)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
