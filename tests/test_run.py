@@ -204,6 +204,11 @@ def test_stop_after_samples_then_the_same_job_scores_as_one_uninterrupted_run(tm
         assert resumed["quantized"][key] == whole["quantized"][key], key
     assert resumed["fp"]["fid"] == whole["fp"]["fid"]
 
+    from ptq4dm.experiment.summary import failed_jobs, record_job, start_sweep
+    start_sweep(tmp_path)  # a sweep's job that stopped where asked is no failed job (the sweep exits 0)
+    record_job(tmp_path, 0, folder, "stopped", "calibration.json", ["stop_after=samples"])
+    assert failed_jobs(tmp_path) == []
+
     with pytest.raises(ValueError, match="stop_after='scoring'.*allowed are null"):
         run(job("bad", "stop_after=scoring"))
     assert not (tmp_path / "bad").exists()  # refused before the job folder is touched

@@ -167,7 +167,8 @@ def write_seed_summary(sweep_dir: Path, jobs: list[tuple[str, dict, str]]) -> st
 
 
 def failed_jobs(sweep_dir: str | Path) -> list[str]:
-    return [name for name, _, status in _jobs(Path(sweep_dir))[0] if status != "ok"]
+    """Jobs that neither finished nor stopped where asked (``stop_after``)."""
+    return [name for name, _, status in _jobs(Path(sweep_dir))[0] if status not in ("ok", "stopped")]
 
 
 class SweepSummary(Callback):
