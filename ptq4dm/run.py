@@ -167,13 +167,16 @@ def score_full_precision(cfg: DictConfig, entry: FPCacheEntry, images: torch.Ten
     return stats, scores
 
 
-def quantized_sampling_seconds(shards: Path, measured: float | None) -> float | None:
-    """The quantized images' sampling time: ``measured`` now if this run sampled them all (kept beside the shards
-    for a later run that only scores), else what an earlier run that sampled them all measured, else None."""
+def quantized_sampling_seconds(shards: Path, todo: int, total: int, seconds: float) -> float | None:
+    """The quantized images' sampling time: this run's ``seconds`` if it sampled all ``total`` batches (kept beside
+    the shards for a later run that only scores), the kept time if it sampled none, None if split over runs."""
     timing = shards / "timing.json"
-    if measured is not None:
-        atomic_write_json(timing, {"sampling_seconds": measured})
-        return measured
+    if todo == total:
+        atomic_write_json(timing, {"sampling_seconds": seconds})
+        return seconds
+    if todo:  # some sampled now, some earlier: no one run's time (and a kept one is no longer these images')
+        timing.unlink(missing_ok=True)
+        return None
     return json.loads(timing.read_text())["sampling_seconds"] if timing.is_file() else None
 
 
@@ -403,7 +406,7 @@ def run(cfg: DictConfig, recipe: PTQRecipe | None = None) -> dict:
         q_images = generate_images(module, cfg.eval.num_samples, cfg.eval.batch_size, shards, trainer_kwargs)
     if q_images is None or fp_images is None:
         return {}  # a non-zero DDP rank
-    q_seconds = quantized_sampling_seconds(shards, stages["quantized_samples"] if todo == total else None)
+    q_seconds = quantized_sampling_seconds(shards, todo, total, stages["quantized_samples"])
     if cfg.stop_after == "samples":
         return stopped(job, "samples", stages)
     with stage("scoring", stages):
