@@ -26,8 +26,8 @@ from hydra.errors import HydraException
 # The calibration seeds: which samples the calibration set draws, and reconstruction's own draws.
 SEED_KEYS = ("calib.seed", "recon.method.seed")
 # Overrides that change no score: where things are written and read from, how they are logged and shown.
-NOT_RECIPE = ("force", "progress", "stop_after", "logger", "output_dir", "fp_cache_dir", "data.root", "metrics.inception_path",
-              "metrics.fid_bootstrap")
+NOT_RECIPE = ("force", "progress", "stop_after", "logger", "output_dir", "fp_cache_dir", "data.root",
+              "metrics.inception_path", "metrics.fid_bootstrap")
 # Per metric, the statistics shown: the headline one in full, the others' mean and spread.
 METRICS = {"fid_over_fp": ("mean", "sd", "se", "min", "max"), "fid_vs_fp": ("mean", "sd"),
            "psnr_vs_fp": ("mean", "sd")}
