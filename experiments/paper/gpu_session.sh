@@ -27,7 +27,7 @@
 # (finished jobs are skipped, calibrated ones resume). Polls of about 300 s bring finished jobs back sooner; a start costs
 # ~90 s of device time before the command runs.
 # Budget: jobs sharing the GPU take about as long together as one after another (W4A8 10000-step reconstruction:
-# 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1600 s of work after
+# 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1600 s of work (estimated) after
 # the start (the first job calibrates during the FID parts' ~230 s; before that change ~1400 s); 2026-12-05 lost three W4A8 jobs by starting six at once. Prefer one stream,
 # most wanted job first: sharing saves at most ~15%, and one after another each job comes back as it finishes
 # (a machine lost in the first poll later that day took three half-done jobs with it). A quick check of
