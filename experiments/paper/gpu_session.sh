@@ -29,7 +29,7 @@
 # ~90 s of device time before the command runs.
 # Budget: jobs sharing the GPU take about as long together as one after another (W4A8 10000-step reconstruction:
 # 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1600 s of work after
-# the start (114 s), since the first job samples and calibrates while the FID parts arrive (12 puts: 51 s on
+# the start (114 s), since the first job samples and calibrates while the FID parts arrive (12 puts: ~55 s on
 # 2026-12-05, an H100; ~230 s on earlier days); a W4A8 float32 5000-step job took ~405 s alone there;
 # 2026-12-05 lost three W4A8 jobs by starting six at once. Prefer one stream, most wanted job first: sharing saves
 # at most ~15%, and one after another each job comes back as it finishes (a machine lost in the first poll later
