@@ -307,8 +307,9 @@ RECON_KEYS_ADDED_LATER = {"held_out": (0, ()), "learn_weight_scale": (False, ("w
 
 def config_digest(cfg: DictConfig) -> str:
     """What a job computes, as a hash: the resolved config without where it writes and how it reports."""
+    # recipe (a recipe/ preset) only names what the other keys already hold
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in ("output_dir", "progress", "force", "stop_after", "logger")}
+            if k not in ("output_dir", "progress", "force", "stop_after", "logger", "recipe")}
     if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
         keep["ops"].pop("decoder", None)
     if (keep.get("balance") or {}).get("method") is None:  # added later; none computes what jobs before it did
@@ -328,6 +329,11 @@ def checked_recipe(cfg: DictConfig) -> PTQRecipe:
     """Every axis validated and the input files and logger checked, before the job folder is touched or anything
     heavy happens: an error here is the user's config or file, not the job's."""
     recipe = recipe_from_config(cfg)
+    preset = OmegaConf.select(cfg, "recipe", default=None)
+    if preset is not None and preset.bits != cfg.bits.name:  # a command-line bits= would win over the preset's
+        raise ValueError(f"recipe={preset.name} is the recipe measured at bits={preset.bits}, but bits={cfg.bits.name} "
+                         f"was given: allowed beside it is bits={preset.bits} (or no bits=); for {cfg.bits.name} "
+                         "choose its own preset (conf/recipe/) or set the axes one by one")
     if OmegaConf.select(cfg, "data.limit", default=None) is not None:
         raise ValueError(f"data.limit={cfg.data.limit}: ptq4dm.run reads whole splits (FID reference statistics, "
                          "calibration images); allowed here is null (the limit is ptq4dm.train's)")

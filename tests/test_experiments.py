@@ -66,7 +66,7 @@ def test_every_job_of_an_experiment_validates(name):
         recipe = recipe_from_config(cfg)  # the checks every job runs before loading anything
         assert cfg.model.name == "small_cifar10"
         assert cfg.calib.num_samples == 1024
-        assert cfg.eval.num_samples == (10000 if name == "main_10k" else 2000)
+        assert cfg.eval.num_samples == (10000 if name.startswith("main_10k") else 2000)
         key = (tuple(sorted(recipe.axes.items())), OmegaConf.to_yaml(cfg.calib))
         assert key not in seen, f"{name}: two jobs compute the same thing: {overrides}"
         seen.add(key)
@@ -130,7 +130,7 @@ def queued_jobs() -> dict[str, set[frozenset[str]]]:
 
 def test_the_default_gpu_queue_with_the_shared_points_runs_every_paper_sweep_whole():
     queued = queued_jobs()
-    assert set(queued) == set(SWEEPS) - {"main_10k"}
+    assert set(queued) == set(SWEEPS) - {"main_10k", "main_10k_best"}  # the headline ones run by hand
     for name, jobs in queued.items():
         shared = set()
         if name in COLLECT["SHARED_POINTS"]:
@@ -239,7 +239,48 @@ def test_the_readme_tables_name_every_departure_and_group_seeds(capsys):
     assert "| PTQ4DM W8A8, balance=smoothquant, recon=qdrop, eval.precision=fp32 " in out
     assert "| full precision, eval.precision=fp32 " in out
     assert "Over calibration seeds (main_10k_recon)" in out
-    # the fp32 recipe at seeds 1234 / 7 / 99: +0.361 / +0.185 / +0.042 over FP (jobs.json)
+    # the fp32 recipe at seeds 1234 / 2 / 3 / 7 / 99: +0.361 / +0.597 / -0.108 / +0.185 / +0.042 over FP (jobs.json)
     (fp32,) = [line for line in out.splitlines() if line.startswith("| balance=smoothquant bits=w8a8 eval.precision=fp32")]
     cells = [c.strip() for c in fp32.strip("|").split("|")]
-    assert cells[1:5] == ["3", "default, 7, 99", "0.196", "0.160"]
+    assert cells[1:5] == ["5", "default, 2, 3, 7, 99", "0.215", "0.275"]
+
+
+# Each recipe/ preset and a committed job it was measured as (seed 7): the preset must compose that job's config.
+RECIPE_PRESET_JOBS = {
+    "best_w4a8": "balance=smoothquant,bits=w4a8,calib.seed=7,eval.precision=fp32,ops.shortcut_split=True,"
+                 "recon.method.iters=5000,recon.method.seed=7,recon=qdrop,weight_metric=mse",
+    "best_w8a8": "balance=smoothquant,bits=w8a8,calib.seed=7,eval.precision=fp32,recon.method.seed=7,recon=qdrop"}
+NOT_SET_BY_A_RECIPE = ("experiment", "calib.seed", "recon.method.seed", "logger", "progress", "data.root",
+                       "metrics.inception_path")
+
+
+@pytest.mark.parametrize("preset", sorted(RECIPE_PRESET_JOBS))
+def test_a_recipe_preset_computes_what_its_measured_job_computed(preset):
+    """recipe=<preset> in place of the job's own axis overrides gives the same config digest: the preset's numbers
+    (main_10k_recon's seeds table) are this preset's."""
+    jobs = json.loads((REPO / "experiments/results/main_10k_recon/jobs.json").read_text())
+    overrides = next(j["overrides"] for j in jobs if j["job"] == RECIPE_PRESET_JOBS[preset])
+    kept = [o for o in overrides if o.split("=", 1)[0] in NOT_SET_BY_A_RECIPE]
+    assert len(kept) < len(overrides)  # the preset replaces something
+    assert run_digest(*overrides, "output_dir=x") == run_digest(*kept, f"recipe={preset}", "output_dir=x")
+
+
+def test_a_recipe_preset_refuses_another_bit_width_before_any_work():
+    from ptq4dm.run import checked_recipe
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        same = compose("run", overrides=["recipe=best_w4a8", "bits=w4a8", "output_dir=x", "logger=none"])
+        other = compose("run", overrides=["recipe=best_w4a8", "bits=w8a8", "output_dir=x", "logger=none"])
+    checked_recipe(same)
+    with pytest.raises(ValueError, match=r"recipe=best_w4a8 is the recipe measured at bits=w4a8, but bits=w8a8"):
+        checked_recipe(other)
+
+
+def test_main_10k_best_runs_each_bit_widths_preset_beside_main_10k():
+    assert sweep_jobs("main_10k_best") == [["recipe=best_w8a8"], ["recipe=best_w4a8"]]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        best = compose("run", overrides=["experiment=main_10k_best"], return_hydra_config=True)
+        main = compose("run", overrides=["experiment=main_10k"], return_hydra_config=True)
+    assert best.hydra.sweep == main.hydra.sweep
+    for key in ("model", "sampler", "calib", "eval.num_samples", "metrics"):
+        assert OmegaConf.select(best, key) == OmegaConf.select(main, key)

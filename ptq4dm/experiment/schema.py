@@ -154,6 +154,15 @@ class BalanceConfig:
 
 
 @dataclass
+class RecipePresetConfig:
+    """What a recipe/ preset (a measured best combination of the axes) states of itself: its name and the bit-width
+    it was measured at (ptq4dm.run refuses another bits= beside it)."""
+
+    name: str = MISSING
+    bits: str = MISSING
+
+
+@dataclass
 class CalibConfig:
     name: str = MISSING
     source: Any = MISSING  # {_target_: a CalibrationSource subclass, its arguments}
@@ -175,6 +184,7 @@ class RunConfig:
     weight_metric: WeightMetricConfig = field(default_factory=WeightMetricConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    recipe: Optional[RecipePresetConfig] = None  # a recipe/ preset; null: the axes as chosen one by one
     data: DataConfig = field(default_factory=DataConfig)
     logger: Any = None
     trainer: Any = MISSING
