@@ -30,7 +30,8 @@
 # Budget: jobs sharing the GPU take about as long together as one after another (W4A8 10000-step reconstruction:
 # 351 s alone, ~1000 s with three sharing), and a session's 30 minutes of device time hold ~1600 s of work after
 # the start (114 s), since the first job samples and calibrates while the FID parts arrive (12 puts: ~55 s on
-# 2026-12-05, an H100; ~230 s on earlier days); a W4A8 float32 5000-step job took ~405 s alone there;
+# 2026-12-05, an H100; ~230 s on earlier days); a W4A8 float32 5000-step job took ~405 s alone there; in the
+# next session one stream ran W4A8 float32 jobs 416-507 s apart and W8A8 float32 ones ~300 s apart (four jobs);
 # 2026-12-05 lost three W4A8 jobs by starting six at once. Prefer one stream, most wanted job first: sharing saves
 # at most ~15%, and one after another each job comes back as it finishes (a machine lost in the first poll later
 # that day took three half-done jobs with it). A quick check of a path the CPU tests cannot reach (CUDA graphs,
