@@ -307,7 +307,7 @@ RECON_KEYS_ADDED_LATER = {"held_out": (0, ()), "learn_weight_scale": (False, ("w
 
 def config_digest(cfg: DictConfig) -> str:
     """What a job computes, as a hash: the resolved config without where it writes and how it reports."""
-    # recipe (a recipe/ preset) only names what the other keys already hold
+    # recipe (a recipe/ preset) names the choices the other keys hold; it computes nothing itself
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in ("output_dir", "progress", "force", "stop_after", "logger", "recipe")}
     if not keep["ops"].get("decoder"):  # added later; off, it computes what jobs before it computed
@@ -325,15 +325,23 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_recipe_preset(cfg: DictConfig) -> None:
+    """A recipe/ preset's axes as it chose them: a command-line choice on one of them (bits=w8a8 beside
+    recipe=best_w4a8) would win over the preset's and carry the preset's keys onto another preset."""
+    preset = OmegaConf.select(cfg, "recipe", default=None)
+    for axis, name in ({} if preset is None else preset.axes).items():
+        chosen = OmegaConf.select(cfg, f"{axis}.name", default=None)
+        if chosen != name:
+            raise ValueError(f"recipe={preset.name} is measured with {axis}={name}, but {axis}={chosen} was given: "
+                             f"allowed beside it is {axis}={name} (or no {axis}=); for another {axis} choose its own "
+                             "preset (conf/recipe/) or set the axes one by one")
+
+
 def checked_recipe(cfg: DictConfig) -> PTQRecipe:
     """Every axis validated and the input files and logger checked, before the job folder is touched or anything
     heavy happens: an error here is the user's config or file, not the job's."""
+    check_recipe_preset(cfg)
     recipe = recipe_from_config(cfg)
-    preset = OmegaConf.select(cfg, "recipe", default=None)
-    if preset is not None and preset.bits != cfg.bits.name:  # a command-line bits= would win over the preset's
-        raise ValueError(f"recipe={preset.name} is the recipe measured at bits={preset.bits}, but bits={cfg.bits.name} "
-                         f"was given: allowed beside it is bits={preset.bits} (or no bits=); for {cfg.bits.name} "
-                         "choose its own preset (conf/recipe/) or set the axes one by one")
     if OmegaConf.select(cfg, "data.limit", default=None) is not None:
         raise ValueError(f"data.limit={cfg.data.limit}: ptq4dm.run reads whole splits (FID reference statistics, "
                          "calibration images); allowed here is null (the limit is ptq4dm.train's)")

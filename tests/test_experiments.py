@@ -265,15 +265,39 @@ def test_a_recipe_preset_computes_what_its_measured_job_computed(preset):
     assert run_digest(*overrides, "output_dir=x") == run_digest(*kept, f"recipe={preset}", "output_dir=x")
 
 
-def test_a_recipe_preset_refuses_another_bit_width_before_any_work():
+@pytest.mark.parametrize("preset", sorted(RECIPE_PRESET_JOBS))
+def test_a_recipe_preset_names_the_axes_it_chooses(preset):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=[f"recipe={preset}", "output_dir=x"])
+    assert cfg.recipe.name == preset
+    assert {axis: cfg[axis].name for axis in cfg.recipe.axes} == dict(cfg.recipe.axes)
+    assert set(cfg.recipe.axes) == {"bits", "weight_metric", "balance", "recon"}
+
+
+@pytest.mark.parametrize("other", ["bits=w8a8", "recon=none", "recon=brecq", "weight_metric=auto"])
+def test_a_recipe_preset_refuses_another_choice_on_its_axes_before_any_work(other):
+    """Beside recipe=best_w4a8, recon=none would leave the preset's recon.method.iters as a method without a target
+    and recon=brecq would run BRECQ for 5000 steps: both refused, with the allowed choice named, before the model
+    loads (and before recipe_from_config reads the half-made node)."""
     from ptq4dm.run import checked_recipe
 
+    key, value = other.split("=")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         same = compose("run", overrides=["recipe=best_w4a8", "bits=w4a8", "output_dir=x", "logger=none"])
-        other = compose("run", overrides=["recipe=best_w4a8", "bits=w8a8", "output_dir=x", "logger=none"])
+        cfg = compose("run", overrides=["recipe=best_w4a8", other, "output_dir=x", "logger=none"])
     checked_recipe(same)
-    with pytest.raises(ValueError, match=r"recipe=best_w4a8 is the recipe measured at bits=w4a8, but bits=w8a8"):
-        checked_recipe(other)
+    allowed = same[key].name
+    with pytest.raises(ValueError, match=rf"recipe=best_w4a8 is measured with {key}={allowed}, but {key}={value} "
+                                         rf"was given: allowed beside it is {key}={allowed}"):
+        checked_recipe(cfg)
+
+
+def test_in_a_sweep_over_bits_a_recipe_preset_keeps_its_own_bit_width():
+    """main_10k sweeps bits=w8a8,w4a8; with recipe=best_w4a8 the sweep is W4A8's alone (one job, not a refused
+    W8A8 one beside it); a bits= on the command line still wins, and is refused by the check above."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("run", overrides=["experiment=main_10k", "recipe=best_w4a8"], return_hydra_config=True)
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == {"bits": "w4a8"}
 
 
 def test_main_10k_best_runs_each_bit_widths_preset_beside_main_10k():

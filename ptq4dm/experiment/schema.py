@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -155,11 +155,12 @@ class BalanceConfig:
 
 @dataclass
 class RecipePresetConfig:
-    """What a recipe/ preset (a measured best combination of the axes) states of itself: its name and the bit-width
-    it was measured at (ptq4dm.run refuses another bits= beside it)."""
+    """What a recipe/ preset (a measured best combination of the axes) states of itself: its name and the axis
+    presets it chooses, e.g. {bits: w4a8, recon: qdrop} (ptq4dm.run refuses another choice on those axes beside it:
+    the preset's own keys, such as recon.method.iters, would land on that choice)."""
 
     name: str = MISSING
-    bits: str = MISSING
+    axes: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
